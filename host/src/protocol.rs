@@ -1,0 +1,297 @@
+//! The wire protocol between a client and one worker process.
+//!
+//! Every message is a frame: a 4-byte big-endian length followed by that many
+//! bytes of MessagePack (structs as maps, enums externally tagged). A frame
+//! longer than the agreed maximum closes the connection. See `docs/protocol.md`
+//! for the message catalogue written for implementers in other languages.
+//!
+//! The conversation on one connection:
+//!
+//! ```text
+//! client                                   worker
+//!   Hello {version, module, client}  ---->
+//!                                    <----  Hello {pid, methods, ..} | Refused {error}
+//!   Call {id, method, args, timeout} ---->
+//!                                    <----  Reply {id, result, logs}
+//!   CheckoutDone {id}                ---->        (only if the guest has the hook)
+//!                                    <----  CheckoutDone {id, error, logs}
+//!   ... close
+//! ```
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol; a worker refuses a hello with another version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default upper bound of one frame's body, in bytes (16 MiB).
+pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
+
+/// Size of the length prefix in front of every frame.
+pub const HEADER_LEN: usize = 4;
+
+/// A message from the client to a worker.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request<'a> {
+    /// First message on every connection: which module the client wants.
+    Hello {
+        /// Must equal [`PROTOCOL_VERSION`].
+        version: u32,
+        /// Name of the module, as given to the daemon's `--module NAME=PATH`.
+        module: &'a str,
+        /// Free-form name of the client, for the daemon's logs.
+        client: &'a str,
+    },
+    /// Call a guest method.
+    Call {
+        /// Chosen by the client, echoed in the reply.
+        id: u64,
+        /// Method name as the guest registered it.
+        method: &'a str,
+        /// MessagePack encoding of the arguments, passed to the guest untouched.
+        #[serde(with = "serde_bytes")]
+        args: &'a [u8],
+        /// Time the worker grants the guest for this call, if the client has a
+        /// deadline; the worker interrupts the guest when it runs out.
+        timeout_ms: Option<u64>,
+    },
+    /// The checkout that used this worker has ended: run the guest's
+    /// checkout-done hook. Only sent when the hello said the guest has one.
+    CheckoutDone {
+        /// Chosen by the client, echoed in the reply.
+        id: u64,
+    },
+}
+
+/// A message from a worker to the client.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Response<'a> {
+    /// The worker is ready: instantiated and set up.
+    Hello(HelloReply),
+    /// The worker will not serve this connection and closes it after this frame.
+    Refused(ErrorReply),
+    /// The outcome of a [`Request::Call`].
+    Reply {
+        /// The id of the call this answers.
+        id: u64,
+        /// MessagePack encoding of the method's result, or the error.
+        #[serde(borrow)]
+        result: Result<Payload<'a>, ErrorReply>,
+        /// Log records the guest made during the call.
+        logs: Vec<LogRecord>,
+    },
+    /// The outcome of a [`Request::CheckoutDone`].
+    CheckoutDone {
+        /// The id of the request this answers.
+        id: u64,
+        /// Set when the hook failed; the worker should then be retired.
+        error: Option<ErrorReply>,
+        /// Log records the guest made during the hook.
+        logs: Vec<LogRecord>,
+    },
+}
+
+/// Bytes of an already encoded MessagePack value, carried as a `bin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payload<'a>(#[serde(with = "serde_bytes")] pub &'a [u8]);
+
+/// What a worker tells about itself once it is ready.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    /// The worker's protocol version.
+    pub version: u32,
+    /// Process id of the worker on the daemon's host.
+    pub pid: u32,
+    /// The module this worker runs.
+    pub module: String,
+    /// Method names the guest declared (empty if it declares none).
+    pub methods: Vec<String>,
+    /// Whether the guest exports a checkout-done hook.
+    pub checkout_done_hook: bool,
+}
+
+/// A failure reported by a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// What kind of failure this is.
+    pub kind: ErrorKind,
+    /// Human-readable description (the guest's own message where it gave one).
+    pub message: String,
+    /// The wasm backtrace of a trap, where one was captured.
+    pub backtrace: Option<String>,
+}
+
+/// Kinds of failure a worker reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The guest method returned an error.
+    GuestError,
+    /// The guest trapped (panic, unreachable, out-of-bounds access, ...).
+    /// The worker exits after reporting it.
+    GuestTrap,
+    /// The guest hit a resource limit (memory, output size). The worker exits.
+    Limit,
+    /// The guest ran past the call's deadline and was interrupted. The worker exits.
+    Timeout,
+    /// The guest has no method of that name.
+    UnknownMethod,
+    /// The daemon serves no module of the name given in the hello.
+    UnknownModule,
+    /// The guest's setup hook failed; the worker exits.
+    SetupFailed,
+    /// The guest's checkout-done hook failed.
+    CheckoutDoneFailed,
+    /// The peer broke the protocol (bad frame, wrong version, unexpected message).
+    Protocol,
+}
+
+impl ErrorKind {
+    /// Whether a worker that reported this kind has exited or must not be reused.
+    pub fn is_fatal(self) -> bool {
+        !matches!(self, ErrorKind::GuestError | ErrorKind::UnknownMethod)
+    }
+}
+
+/// A log record made by the guest, relayed with the reply it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// Severity, as the `log` crate numbers it: 1 error, 2 warn, 3 info, 4 debug, 5 trace.
+    pub level: u8,
+    /// Where the record came from: the guest's module path, or `stdout`/`stderr`.
+    pub target: String,
+    /// The text of the record.
+    pub message: String,
+    /// Microseconds from the start of the call to the record.
+    pub at_us: u64,
+}
+
+/// Errors reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer announced a frame above the limit.
+    #[error("frame of {len} bytes exceeds the {max} byte limit")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// The connection closed in the middle of a frame.
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    /// The frame's body is not a valid message.
+    #[error("malformed message")]
+    Decode(#[from] rmp_serde::decode::Error),
+    /// A message could not be encoded.
+    #[error("encoding message")]
+    Encode(#[from] rmp_serde::encode::Error),
+    /// The socket failed.
+    #[error("socket i/o")]
+    Io(#[from] io::Error),
+}
+
+/// Encodes `msg` as one frame (header and body) into `buf`, replacing its contents.
+pub fn encode_frame<T: Serialize>(msg: &T, buf: &mut Vec<u8>) -> Result<(), FrameError> {
+    buf.clear();
+    buf.extend_from_slice(&[0; HEADER_LEN]);
+    rmp_serde::encode::write_named(buf, msg)?;
+    let len = u32::try_from(buf.len() - HEADER_LEN).map_err(|_| FrameError::TooLarge {
+        len: buf.len() - HEADER_LEN,
+        max: u32::MAX as usize,
+    })?;
+    buf[..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
+/// Decodes one message from a frame's body.
+pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
+    Ok(rmp_serde::from_slice(body)?)
+}
+
+/// Reads one frame's body into `buf` from a blocking reader.
+///
+/// Returns `Ok(false)` when the peer closed the connection cleanly between
+/// frames, and [`FrameError::Truncated`] when it closed inside one.
+pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>, max: usize) -> Result<bool, FrameError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(FrameError::Truncated),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+
+    buf.clear();
+    buf.resize(len, 0);
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+        _ => FrameError::Io(e),
+    })?;
+    Ok(true)
+}
+
+/// Writes an encoded frame (as made by [`encode_frame`]) to a blocking writer.
+pub fn write_frame(w: &mut impl Write, frame: &[u8]) -> Result<(), FrameError> {
+    w.write_all(frame)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_round_trips_borrowing_from_the_frame() {
+        let mut buf = Vec::new();
+        let args = rmp_serde::to_vec(&(1, "two")).unwrap();
+        let req = Request::Call { id: 7, method: "add", args: &args, timeout_ms: Some(250) };
+        encode_frame(&req, &mut buf).unwrap();
+
+        let mut body = Vec::new();
+        assert!(read_frame(&mut &buf[..], &mut body, DEFAULT_MAX_FRAME).unwrap());
+        match decode::<Request>(&body).unwrap() {
+            Request::Call { id, method, args: got, timeout_ms } => {
+                assert_eq!((id, method, got, timeout_ms), (7, "add", &args[..], Some(250)));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reply_with_error_round_trips() {
+        let mut buf = Vec::new();
+        let err = ErrorReply { kind: ErrorKind::GuestTrap, message: "boom".into(), backtrace: None };
+        let resp = Response::Reply { id: 1, result: Err(err.clone()), logs: vec![] };
+        encode_frame(&resp, &mut buf).unwrap();
+        match decode::<Response>(&buf[HEADER_LEN..]).unwrap() {
+            Response::Reply { result: Err(e), .. } => assert_eq!(e, err),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_reading_its_body() {
+        let frame = 1000u32.to_be_bytes();
+        let err = read_frame(&mut &frame[..], &mut Vec::new(), 999).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { len: 1000, max: 999 }), "{err}");
+    }
+
+    #[test]
+    fn close_between_frames_is_clean_and_inside_a_frame_is_truncation() {
+        assert!(!read_frame(&mut &[][..], &mut Vec::new(), 10).unwrap());
+        let err = read_frame(&mut &[0u8, 0][..], &mut Vec::new(), 10).unwrap_err();
+        assert!(matches!(err, FrameError::Truncated));
+        let err = read_frame(&mut &[0u8, 0, 0, 5, 1][..], &mut Vec::new(), 10).unwrap_err();
+        assert!(matches!(err, FrameError::Truncated));
+    }
+}
