@@ -1,0 +1,388 @@
+//! One guest instance and the ABI spoken with it (see `docs/abi.md`).
+
+use std::ops::Range;
+use std::time::Instant;
+
+use wasmtime::{
+    Caller, Engine, Extern, Instance, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc, WasmBacktrace,
+};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+
+use super::capture::{self, Capture};
+use super::modules::LoadedModule;
+use crate::protocol::{ErrorKind, ErrorReply, LogRecord};
+
+/// Log records kept per call; beyond this they are counted and dropped.
+const MAX_LOG_RECORDS: usize = 1000;
+
+/// Status values of the reply record.
+const STATUS_OK: u32 = 0;
+const STATUS_ERROR: u32 = 1;
+const STATUS_UNKNOWN_METHOD: u32 = 2;
+
+/// The per-instance state the host keeps in the wasmtime store.
+pub struct HostState {
+    wasi: WasiP1Ctx,
+    limits: Limits,
+    call_start: Instant,
+    logs: Vec<LogRecord>,
+    logs_dropped: usize,
+    trap_message: Option<String>,
+    stdout: Capture,
+    stderr: Capture,
+}
+
+/// Memory and table limits, remembering whether the guest ran into them.
+struct Limits {
+    max_memory: usize,
+    hit: Option<String>,
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(&mut self, _: usize, desired: usize, _: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_memory {
+            self.hit = Some(format!(
+                "memory limit of {} MiB reached (asked for {} MiB)",
+                self.max_memory >> 20,
+                desired >> 20
+            ));
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _: usize, desired: usize, _: Option<usize>) -> wasmtime::Result<bool> {
+        const MAX_TABLE: usize = 100_000;
+        if desired > MAX_TABLE {
+            self.hit = Some(format!("table limit of {MAX_TABLE} elements reached"));
+            return Ok(false);
+        }
+        Ok(true)
+    }
+}
+
+/// The guest broke the ABI: a pointer or length outside its memory, a bad status.
+#[derive(Debug, thiserror::Error)]
+#[error("guest broke the ABI: {0}")]
+struct AbiViolation(String);
+
+fn violation(msg: impl Into<String>) -> wasmtime::Error {
+    wasmtime::Error::new(AbiViolation(msg.into()))
+}
+
+/// Defines WASI preview 1 and the `wasm_task` imports in `linker`.
+pub fn add_imports(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
+    wasmtime_wasi::p1::add_to_linker_sync(linker, |s: &mut HostState| &mut s.wasi)?;
+    linker.func_wrap(
+        "wasm_task",
+        "log",
+        |mut caller: Caller<'_, HostState>, level: i32, tp: i32, tl: i32, mp: i32, ml: i32| {
+            let mem = caller_memory(&mut caller)?;
+            let data = mem.data(&caller);
+            let target = lossy(slice(data, tp, tl)?);
+            let message = lossy(slice(data, mp, ml)?);
+            let level = level.clamp(1, 5) as u8;
+            caller.data_mut().push_log(level, target, message);
+            Ok(())
+        },
+    )?;
+    linker.func_wrap(
+        "wasm_task",
+        "trap_message",
+        |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| {
+            let mem = caller_memory(&mut caller)?;
+            let message = lossy(slice(mem.data(&caller), ptr, len)?);
+            caller.data_mut().trap_message = Some(message);
+            Ok(())
+        },
+    )?;
+    Ok(())
+}
+
+fn caller_memory(caller: &mut Caller<'_, HostState>) -> wasmtime::Result<Memory> {
+    match caller.get_export("memory") {
+        Some(Extern::Memory(m)) => Ok(m),
+        _ => Err(violation("no exported memory")),
+    }
+}
+
+/// The bytes `[ptr, ptr + len)` of `data`, or an ABI violation.
+fn slice(data: &[u8], ptr: i32, len: i32) -> wasmtime::Result<&[u8]> {
+    let at = range(data.len(), ptr as u32, len as u32).map_err(violation)?;
+    Ok(&data[at])
+}
+
+/// `[ptr, ptr + len)` if it lies inside a memory of `size` bytes.
+fn range(size: usize, ptr: u32, len: u32) -> Result<Range<usize>, String> {
+    let (start, len) = (ptr as usize, len as usize);
+    match start.checked_add(len) {
+        Some(end) if end <= size => Ok(start..end),
+        _ => Err(format!("bytes {start}+{len} lie outside its {size}-byte memory")),
+    }
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+impl HostState {
+    fn push_log(&mut self, level: u8, target: String, message: String) {
+        if self.logs.len() >= MAX_LOG_RECORDS {
+            self.logs_dropped += 1;
+            return;
+        }
+        let at_us = self.call_start.elapsed().as_micros() as u64;
+        self.logs.push(LogRecord { level, target, message, at_us });
+    }
+}
+
+/// What a successful call returned: a range of guest memory holding the result.
+pub type ReplyBytes = Range<usize>;
+
+/// A live guest instance with its ABI entry points resolved.
+pub struct Guest {
+    store: Store<HostState>,
+    instance: Instance,
+    memory: Memory,
+    alloc: TypedFunc<i32, i32>,
+    call: TypedFunc<(i32, i32, i32), i32>,
+    checkout_done: Option<TypedFunc<(), i32>>,
+}
+
+impl Guest {
+    /// Instantiates `module` and runs `_initialize` if it has one.
+    ///
+    /// Setup is a separate step ([`Guest::setup`]) so the caller can tell
+    /// the two failures apart.
+    pub fn instantiate(engine: &Engine, module: &LoadedModule, max_memory: usize) -> Result<Guest, ErrorReply> {
+        let state = new_state(module, max_memory).map_err(|e| setup_error(format!("{e:#}")))?;
+        let mut store = Store::new(engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(NO_DEADLINE);
+
+        let instance = module.pre.instantiate(&mut store).map_err(|e| {
+            let mut err = classify(&mut store, e);
+            err.message = format!("instantiating the module: {}", err.message);
+            err
+        })?;
+        // The export types were checked when the module was loaded.
+        let memory = instance.get_memory(&mut store, "memory").expect("checked at load");
+        let alloc = instance.get_typed_func(&mut store, "wasm_task_alloc").expect("checked at load");
+        let call = instance.get_typed_func(&mut store, "wasm_task_call").expect("checked at load");
+        let checkout_done = instance.get_typed_func(&mut store, "wasm_task_checkout_done").ok();
+        let mut guest = Guest { store, instance, memory, alloc, call, checkout_done };
+
+        if let Ok(init) = instance.get_typed_func::<(), ()>(&mut guest.store, "_initialize") {
+            guest.begin();
+            init.call(&mut guest.store, ()).map_err(|e| guest.error(e))?;
+        }
+        Ok(guest)
+    }
+
+    /// Asks the guest for its method names, if it exports `wasm_task_methods`.
+    pub fn methods(&mut self, module: &LoadedModule) -> Result<Vec<String>, ErrorReply> {
+        if !module.exports.methods {
+            return Ok(Vec::new());
+        }
+        let reply = self.hook("wasm_task_methods")?;
+        let text = std::str::from_utf8(&self.data()[reply])
+            .map_err(|_| abi_error("method list is not UTF-8"))?;
+        Ok(text.split('\n').filter(|m| !m.is_empty()).map(str::to_owned).collect())
+    }
+
+    /// Runs the guest's setup hook, if it has one.
+    pub fn setup(&mut self, module: &LoadedModule) -> Result<(), ErrorReply> {
+        if module.exports.setup {
+            self.hook("wasm_task_setup").map_err(|mut e| {
+                if e.kind == ErrorKind::GuestError {
+                    e.kind = ErrorKind::SetupFailed;
+                }
+                e
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Runs the guest's checkout-done hook, if it has one.
+    pub fn checkout_done(&mut self) -> Result<(), ErrorReply> {
+        let Some(hook) = self.checkout_done.clone() else { return Ok(()) };
+        self.begin();
+        let record = hook.call(&mut self.store, ()).map_err(|e| self.error(e))?;
+        self.read_record(record, "")?;
+        Ok(())
+    }
+
+    /// Calls `method` with MessagePack `args`; on success the result is in
+    /// guest memory at the returned range (see [`Guest::data`]).
+    pub fn call(&mut self, method: &str, args: &[u8]) -> Result<ReplyBytes, ErrorReply> {
+        self.begin();
+        let (ml, al) = (method.len(), args.len());
+        let total = i32::try_from(ml + al).map_err(|_| abi_error("request above 2 GiB"))?;
+        let buf = self.alloc.call(&mut self.store, total).map_err(|e| self.error(e))?;
+        if buf == 0 && total > 0 {
+            return Err(ErrorReply {
+                kind: ErrorKind::Limit,
+                message: format!("guest could not allocate {total} bytes for the request"),
+                backtrace: None,
+            });
+        }
+
+        let at = range(self.memory.data_size(&self.store), buf as u32, total as u32)
+            .map_err(|m| abi_error(&format!("request buffer: {m}")))?;
+        let mem = &mut self.memory.data_mut(&mut self.store)[at];
+        mem[..ml].copy_from_slice(method.as_bytes());
+        mem[ml..].copy_from_slice(args);
+
+        let record = self.call.call(&mut self.store, (buf, ml as i32, al as i32)).map_err(|e| self.error(e))?;
+        self.read_record(record, method)
+    }
+
+    /// The guest's memory, where [`Guest::call`] results live.
+    pub fn data(&self) -> &[u8] {
+        self.memory.data(&self.store)
+    }
+
+    /// Sets the epoch deadline for what runs next; `None` means no deadline.
+    ///
+    /// The watchdog bumps the engine's epoch once when the call's time is up,
+    /// so a deadline of one tick means "until the watchdog says stop".
+    pub fn arm_deadline(&mut self, armed: bool) {
+        self.store.set_epoch_deadline(if armed { 1 } else { NO_DEADLINE });
+    }
+
+    /// Takes the log records and output lines made since the last call began.
+    pub fn take_logs(&mut self) -> Vec<LogRecord> {
+        let state = self.store.data_mut();
+        let at_us = state.call_start.elapsed().as_micros() as u64;
+        let mut logs = std::mem::take(&mut state.logs);
+        for (target, capture) in [("stdout", &state.stdout), ("stderr", &state.stderr)] {
+            let drained = capture.drain();
+            for message in drained.lines {
+                logs.push(LogRecord { level: 3, target: target.into(), message, at_us });
+            }
+            if drained.dropped > 0 {
+                let message = format!("{} bytes of {target} dropped (limit reached)", drained.dropped);
+                logs.push(LogRecord { level: 2, target: "wasm_task".into(), message, at_us });
+            }
+        }
+        let dropped = std::mem::take(&mut state.logs_dropped);
+        if dropped > 0 {
+            let message = format!("{dropped} log records dropped (limit {MAX_LOG_RECORDS})");
+            logs.push(LogRecord { level: 2, target: "wasm_task".into(), message, at_us });
+        }
+        logs
+    }
+
+    /// Starts the bookkeeping of one guest entry.
+    fn begin(&mut self) {
+        let state = self.store.data_mut();
+        state.call_start = Instant::now();
+        state.trap_message = None;
+    }
+
+    fn hook(&mut self, name: &str) -> Result<ReplyBytes, ErrorReply> {
+        self.begin();
+        let func = self
+            .instance
+            .get_typed_func::<(), i32>(&mut self.store, name)
+            .map_err(|e| abi_error(&format!("export `{name}`: {e}")))?;
+        let record = func.call(&mut self.store, ()).map_err(|e| self.error(e))?;
+        self.read_record(record, "")
+    }
+
+    /// Reads and checks the reply record at `addr`.
+    fn read_record(&self, addr: i32, method: &str) -> Result<ReplyBytes, ErrorReply> {
+        let data = self.data();
+        let at = range(data.len(), addr as u32, 12)
+            .map_err(|m| abi_error(&format!("reply record: {m}")))?;
+        if at.start % 4 != 0 {
+            return Err(abi_error(&format!("reply record at {addr} is not 4-byte aligned")));
+        }
+        let word = |i: usize| u32::from_le_bytes(data[at.start + 4 * i..][..4].try_into().unwrap());
+        let (status, ptr, len) = (word(0), word(1), word(2));
+        let bytes = range(data.len(), ptr, len).map_err(|m| abi_error(&format!("reply: {m}")))?;
+        let text = || String::from_utf8_lossy(&data[bytes.clone()]).into_owned();
+        match status {
+            STATUS_OK => Ok(bytes),
+            STATUS_ERROR => Err(ErrorReply { kind: ErrorKind::GuestError, message: text(), backtrace: None }),
+            STATUS_UNKNOWN_METHOD => {
+                let detail = text();
+                let message = if detail.is_empty() {
+                    format!("no method `{method}`")
+                } else {
+                    format!("no method `{method}`: {detail}")
+                };
+                Err(ErrorReply { kind: ErrorKind::UnknownMethod, message, backtrace: None })
+            }
+            other => Err(abi_error(&format!("unknown reply status {other}"))),
+        }
+    }
+
+    /// Turns a failed guest entry into the error reported to the client.
+    fn error(&mut self, err: wasmtime::Error) -> ErrorReply {
+        classify(&mut self.store, err)
+    }
+}
+
+/// An epoch deadline far enough away to mean "none".
+const NO_DEADLINE: u64 = u64::MAX / 2;
+
+fn new_state(module: &LoadedModule, max_memory: usize) -> anyhow::Result<HostState> {
+    let stdout = Capture::new(capture::DEFAULT_CAPACITY);
+    let stderr = Capture::new(capture::DEFAULT_CAPACITY);
+    let mut wasi = WasiCtxBuilder::new();
+    // The worker is single-threaded and synchronous: let WASI block this
+    // thread instead of hopping through an async runtime for every file call.
+    wasi.allow_blocking_current_thread(true);
+    wasi.stdout(stdout.clone()).stderr(stderr.clone());
+    for dir in &module.dirs {
+        let perms = if dir.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
+        wasi.preopened_dir(&dir.host, &dir.guest, perms)
+            .map_err(anyhow::Error::from)
+            .map_err(|e| e.context(format!("opening directory {dir}")))?;
+    }
+    Ok(HostState {
+        wasi: wasi.build_p1(),
+        limits: Limits { max_memory, hit: None },
+        call_start: Instant::now(),
+        logs: Vec::new(),
+        logs_dropped: 0,
+        trap_message: None,
+        stdout,
+        stderr,
+    })
+}
+
+fn classify(store: &mut Store<HostState>, err: wasmtime::Error) -> ErrorReply {
+    let state = store.data_mut();
+    let backtrace = err.downcast_ref::<WasmBacktrace>().map(|bt| bt.to_string());
+    let trap_message = state.trap_message.take();
+    let (kind, message) = if let Some(v) = err.downcast_ref::<AbiViolation>() {
+        (ErrorKind::Protocol, v.to_string())
+    } else if let Some(exit) = err.downcast_ref::<I32Exit>() {
+        (ErrorKind::GuestTrap, format!("guest exited with proc_exit({})", exit.0))
+    } else if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
+        (ErrorKind::Timeout, "guest interrupted at the call's deadline".to_owned())
+    } else if let Some(limit) = state.limits.hit.take() {
+        (ErrorKind::Limit, limit)
+    } else if let Some(trap) = err.downcast_ref::<Trap>() {
+        let message = match trap_message {
+            Some(m) => format!("{m} (wasm trap: {trap})"),
+            None => format!("wasm trap: {trap}"),
+        };
+        (ErrorKind::GuestTrap, message)
+    } else {
+        (ErrorKind::GuestTrap, format!("{err:#}"))
+    };
+    ErrorReply { kind, message, backtrace }
+}
+
+fn abi_error(msg: &str) -> ErrorReply {
+    ErrorReply { kind: ErrorKind::Protocol, message: format!("guest broke the ABI: {msg}"), backtrace: None }
+}
+
+fn setup_error(message: String) -> ErrorReply {
+    ErrorReply { kind: ErrorKind::SetupFailed, message, backtrace: None }
+}

@@ -1,0 +1,317 @@
+//! A worker process: one connection, one guest instance, until the client leaves.
+
+use std::io::{self, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+
+use super::guest::Guest;
+use super::modules::{LoadedModule, Modules};
+use super::title;
+use super::watchdog::Watchdog;
+use crate::protocol::{
+    self, ErrorKind, ErrorReply, FrameError, HelloReply, PROTOCOL_VERSION, Payload, Request,
+    Response,
+};
+
+/// How long a fresh connection may take to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Room left in a reply frame for everything but the result bytes.
+const REPLY_OVERHEAD: usize = 64 << 10;
+
+/// An accepted client connection.
+pub enum Stream {
+    /// A unix-domain socket connection.
+    Unix(UnixStream),
+    /// A TCP connection.
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn dup_fd(&self) -> io::Result<OwnedFd> {
+        match self {
+            Stream::Unix(s) => s.as_fd().try_clone_to_owned(),
+            Stream::Tcp(s) => s.as_fd().try_clone_to_owned(),
+        }
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serves one connection in a freshly forked process, then exits it.
+///
+/// Never returns: a worker must not fall back into the parent's code paths.
+pub fn run(stream: Stream, modules: &Modules, max_frame: usize) -> ! {
+    let span = tracing::info_span!("worker", worker.pid = std::process::id());
+    let code = span.in_scope(|| match Connection::new(stream, max_frame).and_then(|mut c| c.serve(modules)) {
+        Ok(()) => 0,
+        Err(e @ ConnError::Refused(_)) => {
+            info!(reason = %e, "worker ends without serving");
+            1
+        }
+        Err(e) => {
+            warn!(error = %e, "worker ends on an error");
+            1
+        }
+    });
+    // SAFETY: ending the process without running the parent's exit-time
+    // handlers, which belong to the daemon, not to this worker.
+    unsafe { libc::_exit(code) }
+}
+
+/// The worker side of one connection.
+struct Connection {
+    reader: BufReader<Stream>,
+    writer: Stream,
+    max_frame: usize,
+    body: Vec<u8>,
+    out: Vec<u8>,
+}
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("refused the client: {0}")]
+    Refused(String),
+    #[error("starting the watchdog thread")]
+    Watchdog(#[source] io::Error),
+}
+
+impl Connection {
+    fn new(stream: Stream, max_frame: usize) -> Result<Connection, ConnError> {
+        let reader = BufReader::with_capacity(64 << 10, stream.try_clone().map_err(FrameError::Io)?);
+        Ok(Connection { reader, writer: stream, max_frame, body: Vec::new(), out: Vec::new() })
+    }
+
+    fn serve(&mut self, modules: &Modules) -> Result<(), ConnError> {
+        let Some((module, mut guest)) = self.hello(modules)? else { return Ok(()) };
+        let watchdog =
+            Watchdog::start(self.writer.dup_fd().map_err(ConnError::Watchdog)?, modules.engine.clone())
+                .map_err(ConnError::Watchdog)?;
+        let ready = self.start_guest(module, &mut guest, &watchdog)?;
+        self.send(&Response::Hello(ready))?;
+        info!(module = %module.name, "worker ready");
+
+        loop {
+            if !self.read()? {
+                debug!("client closed the connection");
+                return Ok(());
+            }
+            let request = match protocol::decode::<Request>(&self.body) {
+                Ok(r) => r,
+                Err(e) => return Err(self.refuse(ErrorKind::Protocol, format!("{e}: {}", source_of(&e)))),
+            };
+            let fatal = match request {
+                Request::Call { id, method, args, timeout_ms } => {
+                    let timeout = timeout_ms.map(Duration::from_millis);
+                    call(&mut self.out, &mut guest, &watchdog, id, method, args, timeout, self.max_frame)?
+                }
+                Request::CheckoutDone { id } => {
+                    watchdog.begin(None);
+                    guest.arm_deadline(false);
+                    let result = guest.checkout_done();
+                    watchdog.end();
+                    let fatal = result.as_ref().is_err_and(|e| e.kind.is_fatal());
+                    let error = result.err();
+                    let logs = guest.take_logs();
+                    protocol::encode_frame(&Response::CheckoutDone { id, error, logs }, &mut self.out)?;
+                    fatal
+                }
+                Request::Hello { .. } => {
+                    return Err(self.refuse(ErrorKind::Protocol, "hello sent twice".into()));
+                }
+            };
+            protocol::write_frame(&mut self.writer, &self.out)?;
+            if fatal {
+                info!("guest failed fatally; worker exits");
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads the hello and instantiates the module it names.
+    fn hello<'m>(&mut self, modules: &'m Modules) -> Result<Option<(&'m LoadedModule, Guest)>, ConnError> {
+        // A client that connects and says nothing must not hold a process forever.
+        self.writer.set_read_timeout(Some(HELLO_TIMEOUT)).map_err(FrameError::Io)?;
+        if !self.read()? {
+            return Ok(None);
+        }
+        self.writer.set_read_timeout(None).map_err(FrameError::Io)?;
+
+        let (name, client) = match protocol::decode::<Request>(&self.body) {
+            Ok(Request::Hello { version, module, client }) if version == PROTOCOL_VERSION => {
+                (module.to_owned(), client.to_owned())
+            }
+            Ok(Request::Hello { version, .. }) => {
+                let msg = format!("protocol version {version} is not supported (worker speaks {PROTOCOL_VERSION})");
+                return Err(self.refuse(ErrorKind::Protocol, msg));
+            }
+            Ok(_) => return Err(self.refuse(ErrorKind::Protocol, "expected a hello first".into())),
+            Err(e) => return Err(self.refuse(ErrorKind::Protocol, format!("{e}: {}", source_of(&e)))),
+        };
+        let Some(module) = modules.get(&name) else {
+            let served: Vec<_> = modules.modules.iter().map(|m| m.name.as_str()).collect();
+            let msg = format!("the daemon serves no module `{name}` (it serves: {})", served.join(", "));
+            return Err(self.refuse(ErrorKind::UnknownModule, msg));
+        };
+        title::set(&format!("wasm-task worker {name}"), &format!("wt:{name}"));
+        tracing::Span::current().record("module", name.as_str());
+        info!(module = %name, client = %client, "client connected");
+
+        let started = Instant::now();
+        match Guest::instantiate(&modules.engine, module, modules.max_memory) {
+            Ok(guest) => {
+                debug!(elapsed_us = started.elapsed().as_micros() as u64, "instantiated");
+                Ok(Some((module, guest)))
+            }
+            Err(e) => Err(self.refuse_with(setup_failure(e))),
+        }
+    }
+
+    /// Lists the guest's methods and runs its setup hook.
+    fn start_guest(&mut self, module: &LoadedModule, guest: &mut Guest, watchdog: &Watchdog) -> Result<HelloReply, ConnError> {
+        watchdog.begin(None);
+        let methods = guest.methods(module);
+        let setup = methods.and_then(|m| guest.setup(module).map(|()| m));
+        watchdog.end();
+        for record in guest.take_logs() {
+            info!(target: "wasm_task::guest", level = record.level, guest_target = %record.target, "{}", record.message);
+        }
+        match setup {
+            Ok(methods) => Ok(HelloReply {
+                version: PROTOCOL_VERSION,
+                pid: std::process::id(),
+                module: module.name.clone(),
+                methods,
+                checkout_done_hook: module.exports.checkout_done,
+            }),
+            Err(e) => Err(self.refuse_with(setup_failure(e))),
+        }
+    }
+
+    /// Reads the next frame into `self.body`; `false` on a clean close.
+    fn read(&mut self) -> Result<bool, ConnError> {
+        match protocol::read_frame(&mut self.reader, &mut self.body, self.max_frame) {
+            Ok(more) => Ok(more),
+            Err(e @ (FrameError::TooLarge { .. } | FrameError::Truncated)) => {
+                Err(self.refuse(ErrorKind::Protocol, e.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn send(&mut self, response: &Response<'_>) -> Result<(), ConnError> {
+        protocol::encode_frame(response, &mut self.out)?;
+        protocol::write_frame(&mut self.writer, &self.out)?;
+        Ok(())
+    }
+
+    /// Tells the client why the connection ends (best effort) and returns the error.
+    fn refuse(&mut self, kind: ErrorKind, message: String) -> ConnError {
+        self.refuse_with(ErrorReply { kind, message, backtrace: None })
+    }
+
+    fn refuse_with(&mut self, error: ErrorReply) -> ConnError {
+        let message = error.message.clone();
+        if let Err(e) = self.send(&Response::Refused(error)) {
+            debug!(error = %e, "could not tell the client why");
+        }
+        ConnError::Refused(message)
+    }
+}
+
+/// Runs one call and encodes its reply into `out`; returns whether the
+/// worker must exit afterwards.
+#[allow(clippy::too_many_arguments)]
+fn call(
+    out: &mut Vec<u8>,
+    guest: &mut Guest,
+    watchdog: &Watchdog,
+    id: u64,
+    method: &str,
+    args: &[u8],
+    timeout: Option<Duration>,
+    max_frame: usize,
+) -> Result<bool, ConnError> {
+    let started = Instant::now();
+    watchdog.begin(timeout);
+    guest.arm_deadline(timeout.is_some());
+    let mut result = guest.call(method, args);
+    watchdog.end();
+    let logs = guest.take_logs();
+
+    if let Ok(r) = &result
+        && r.len() > max_frame.saturating_sub(REPLY_OVERHEAD)
+    {
+        let message = format!("reply of {} bytes exceeds the {max_frame} byte frame limit", r.len());
+        result = Err(ErrorReply { kind: ErrorKind::Limit, message, backtrace: None });
+    }
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    let fatal = match &result {
+        Ok(_) => {
+            debug!(method, elapsed_us, "call succeeded");
+            false
+        }
+        Err(e) => {
+            debug!(method, elapsed_us, kind = ?e.kind, error = %e.message, "call failed");
+            e.kind.is_fatal()
+        }
+    };
+    let data = guest.data();
+    let result = result.map(|r| Payload(&data[r]));
+    protocol::encode_frame(&Response::Reply { id, result, logs }, out)?;
+    Ok(fatal)
+}
+
+/// Failures before the worker is ready all read as setup failures to the
+/// client, keeping the guest's own message.
+fn setup_failure(mut e: ErrorReply) -> ErrorReply {
+    if e.kind != ErrorKind::Protocol {
+        e.kind = ErrorKind::SetupFailed;
+    }
+    e
+}
+
+fn source_of(e: &FrameError) -> String {
+    std::error::Error::source(e).map(|s| s.to_string()).unwrap_or_default()
+}
