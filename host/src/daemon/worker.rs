@@ -274,6 +274,7 @@ fn call(
     max_frame: usize,
 ) -> Result<bool, ConnError> {
     let started = Instant::now();
+    debug!(method, timeout_ms = timeout.map(|t| t.as_millis() as u64), "calling");
     watchdog.begin(timeout);
     guest.arm_deadline(timeout.is_some());
     let mut result = guest.call(method, args);

@@ -1,0 +1,48 @@
+//! The daemon's imports (module `wasm_task`), behind safe functions.
+//!
+//! Natively there is no daemon: the functions do nothing, so guest crates
+//! and their unit tests build and run on the developer's machine.
+
+#[cfg(target_family = "wasm")]
+mod imports {
+    #[link(wasm_import_module = "wasm_task")]
+    unsafe extern "C" {
+        /// Emits a log record; the daemon relays it with the current reply.
+        pub(super) fn log(
+            level: i32,
+            target_ptr: *const u8,
+            target_len: usize,
+            msg_ptr: *const u8,
+            msg_len: usize,
+        );
+
+        /// Sets the text the daemon reports if the guest traps in this export.
+        pub(super) fn trap_message(ptr: *const u8, len: usize);
+    }
+}
+
+/// Sends a log record to the daemon.
+#[cfg(target_family = "wasm")]
+pub(crate) fn log(level: log::Level, target: &str, message: &str) {
+    // SAFETY: both pointers address live strings of the given lengths, and
+    // the daemon only reads them before returning.
+    unsafe {
+        imports::log(level as i32, target.as_ptr(), target.len(), message.as_ptr(), message.len())
+    }
+}
+
+/// Sends a log record to the daemon: without one, nothing.
+#[cfg(not(target_family = "wasm"))]
+pub(crate) fn log(_level: log::Level, _target: &str, _message: &str) {}
+
+/// Tells the daemon what to report if the guest traps before this export returns.
+#[cfg(target_family = "wasm")]
+pub(crate) fn trap_message(text: &str) {
+    // SAFETY: the pointer addresses a live string of the given length, and
+    // the daemon copies it before returning.
+    unsafe { imports::trap_message(text.as_ptr(), text.len()) }
+}
+
+/// Tells the daemon what to report if the guest traps: without one, nothing.
+#[cfg(not(target_family = "wasm"))]
+pub(crate) fn trap_message(_text: &str) {}

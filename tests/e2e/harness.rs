@@ -1,0 +1,207 @@
+//! The test harness: builds the guest modules, starts real daemons, inspects
+//! their processes.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use wasm_task::{Address, Client, ClientBuilder};
+
+/// How long anything in a test may take to become ready before it fails.
+pub const READY_BOUND: Duration = Duration::from_secs(60);
+
+/// Root of the workspace.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Paths of the guest modules used by the tests.
+pub struct Guests {
+    pub testguest: PathBuf,
+    pub hasher: PathBuf,
+    pub lookup: PathBuf,
+    pub echo_wat: PathBuf,
+}
+
+/// Builds the guest crates for wasm32-wasip1 (once per test process).
+///
+/// They are built in a target directory of their own, so this nested cargo
+/// does not wait on the lock the outer `cargo test` holds on `target/`.
+pub fn guests() -> &'static Guests {
+    static GUESTS: OnceLock<Guests> = OnceLock::new();
+    GUESTS.get_or_init(|| {
+        let root = workspace();
+        let target = root.join("target/guests");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&root)
+            .args(["build", "--release", "--target", "wasm32-wasip1"])
+            .args(["-p", "testguest", "-p", "hasher-guest", "-p", "lookup-guest"])
+            .env("CARGO_TARGET_DIR", &target)
+            .status()
+            .expect("running cargo to build the guests");
+        assert!(status.success(), "building the guest modules failed");
+        let wasm = |name: &str| target.join("wasm32-wasip1/release").join(format!("{name}.wasm"));
+        Guests {
+            testguest: wasm("testguest"),
+            hasher: wasm("hasher_guest"),
+            lookup: wasm("lookup_guest"),
+            echo_wat: root.join("tests/guests/echo.wat"),
+        }
+    })
+}
+
+/// A running `wasm-task serve`, stopped (and its log shown on failure) on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon on a fresh unix socket serving the test guest as
+    /// `testguest` and the echo WAT guest as `echo`, plus `extra` arguments.
+    pub fn start(extra: &[&str]) -> Daemon {
+        let g = guests();
+        let mut args = vec![
+            format!("--module=testguest={}", g.testguest.display()),
+            format!("--module=echo={}", g.echo_wat.display()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Daemon::start_with(&args)
+    }
+
+    /// Starts a daemon with exactly `args` after `serve --listen unix:...`.
+    pub fn start_with(args: &[String]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("daemon.sock");
+        let daemon = Daemon::spawn(dir, socket, args);
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Starts a daemon in `dir` on `socket` without waiting for it.
+    pub fn spawn(dir: tempfile::TempDir, socket: PathBuf, args: &[String]) -> Daemon {
+        let log = dir.path().join(format!("daemon-{}.log", unique()));
+        let child = Command::new(env!("CARGO_BIN_EXE_wasm-task"))
+            .arg("serve")
+            .arg(format!("--listen=unix:{}", socket.display()))
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting wasm-task serve");
+        Daemon { child, dir, socket, log }
+    }
+
+    /// Polls until the daemon accepts connections.
+    pub fn wait_ready(&self) {
+        let started = Instant::now();
+        while UnixStream::connect(&self.socket).is_err() {
+            assert!(started.elapsed() < READY_BOUND, "daemon not ready in time:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The daemon's address for clients.
+    pub fn address(&self) -> Address {
+        Address::Unix(self.socket.clone())
+    }
+
+    /// A client builder for `module` on this daemon.
+    pub fn client(&self, module: &str) -> ClientBuilder {
+        Client::builder(self.address(), module)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Live (non-zombie) worker processes of this daemon.
+    pub fn workers(&self) -> Vec<u32> {
+        children(self.pid()).into_iter().filter(|p| state(*p).is_some_and(|s| s != 'Z')).collect()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        signal(self.pid(), libc::SIGTERM);
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- daemon log ({}) ----\n{}", self.log.display(), self.log_text());
+        }
+        if self.child.try_wait().ok().flatten().is_none() {
+            signal(self.pid(), libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A number unique within this test process.
+pub fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// Direct children of `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    let text = fs::read_to_string(path).unwrap_or_default();
+    text.split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+/// The state letter of a process (`R`, `S`, `Z`, ...), or `None` if it is gone.
+pub fn state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+/// Whether the process `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    state(pid).is_some_and(|s| s != 'Z')
+}
+
+/// Number of open descriptors of `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// The command line of `pid`, NULs turned into spaces and trimmed.
+pub fn cmdline(pid: u32) -> String {
+    let mut bytes = Vec::new();
+    if let Ok(mut f) = fs::File::open(format!("/proc/{pid}/cmdline")) {
+        let _ = f.read_to_end(&mut bytes);
+    }
+    String::from_utf8_lossy(&bytes).replace('\0', " ").trim().to_string()
+}
+
+/// Polls `cond` until it holds, failing after [`READY_BOUND`].
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < READY_BOUND, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

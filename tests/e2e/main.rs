@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `wasm-task` daemon binary, real guest modules
+//! built for wasm32-wasip1, and the client library, talking over unix sockets.
+
+mod harness;
+
+mod calls;
+mod daemon;
+mod pool;
+mod sandbox;
