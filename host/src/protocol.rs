@@ -270,7 +270,8 @@ mod tests {
     #[test]
     fn reply_with_error_round_trips() {
         let mut buf = Vec::new();
-        let err = ErrorReply { kind: ErrorKind::GuestTrap, message: "boom".into(), backtrace: None };
+        let err =
+            ErrorReply { kind: ErrorKind::GuestTrap, message: "boom".into(), backtrace: None };
         let resp = Response::Reply { id: 1, result: Err(err.clone()), logs: vec![] };
         encode_frame(&resp, &mut buf).unwrap();
         match decode::<Response>(&buf[HEADER_LEN..]).unwrap() {

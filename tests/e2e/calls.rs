@@ -31,10 +31,12 @@ async fn structured_args_and_results_round_trip() {
     let client = daemon.client("testguest").build();
     let worker = client.checkout().await.unwrap();
 
-    let got: AddResult = worker.call("add", &AddArgs { a: 40, b: 2, label: "answer" }).await.unwrap();
+    let got: AddResult =
+        worker.call("add", &AddArgs { a: 40, b: 2, label: "answer" }).await.unwrap();
     assert_eq!(got, AddResult { sum: 42, label: "ANSWER".into() });
 
-    let nested = (vec![1u8, 2, 3], Some("x".to_string()), std::collections::BTreeMap::from([("k", 1.5)]));
+    let nested =
+        (vec![1u8, 2, 3], Some("x".to_string()), std::collections::BTreeMap::from([("k", 1.5)]));
     let echoed: (Vec<u8>, Option<String>, std::collections::BTreeMap<String, f64>) =
         worker.call("echo", &nested).await.unwrap();
     assert_eq!(echoed.0, nested.0);
@@ -138,4 +140,32 @@ async fn unknown_module_is_its_own_kind() {
     let err = client.checkout().await.unwrap_err();
     assert!(matches!(err, Error::UnknownModule { .. }), "{err:?}");
     assert!(err.to_string().contains("no-such-module"), "{err}");
+}
+
+#[derive(Serialize)]
+struct Verify<'a> {
+    password: &'a str,
+    hash: &'a str,
+}
+
+#[tokio::test]
+async fn hasher_example_hashes_and_verifies_passwords() {
+    let hasher = crate::harness::guests().hasher.display().to_string();
+    let daemon = Daemon::start_with(&[format!("--module=hasher={hasher}")]);
+    let client = daemon.client("hasher").build();
+    let worker = client.checkout().await.unwrap();
+
+    let hash: String = worker.call("hash", &"hunter2").await.unwrap();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    let again: String = worker.call("hash", &"hunter2").await.unwrap();
+    assert_ne!(hash, again, "every hash gets a fresh salt");
+
+    let ok: bool =
+        worker.call("verify", &Verify { password: "hunter2", hash: &hash }).await.unwrap();
+    assert!(ok);
+    let wrong: bool =
+        worker.call("verify", &Verify { password: "hunter3", hash: &hash }).await.unwrap();
+    assert!(!wrong);
+    let err = worker.call::<bool>("verify", &Verify { password: "x", hash: "not a hash" }).await;
+    assert!(matches!(err, Err(Error::GuestError { .. })), "{err:?}");
 }

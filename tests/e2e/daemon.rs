@@ -135,7 +135,10 @@ async fn sigterm_stops_accepting_removes_the_socket_and_lets_calls_finish() {
     });
 
     // Stop the daemon once the worker is inside the call.
-    eventually("the call has started", || daemon.log_text().contains("calling method=sleep_ms")).await;
+    eventually("the call has started", || {
+        daemon.log_text().contains("calling method=\"sleep_ms\"")
+    })
+    .await;
     let status = daemon.stop();
     assert!(status.success(), "daemon exit status {status}");
     assert!(!daemon.socket.exists(), "socket file removed");

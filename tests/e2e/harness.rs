@@ -58,7 +58,8 @@ pub fn guests() -> &'static Guests {
 /// A running `wasm-task serve`, stopped (and its log shown on failure) on drop.
 pub struct Daemon {
     pub child: Child,
-    pub dir: tempfile::TempDir,
+    /// Holds the socket and the log; removed when the daemon is dropped.
+    _dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub log: PathBuf,
 }
@@ -92,21 +93,46 @@ impl Daemon {
             .arg("serve")
             .arg(format!("--listen=unix:{}", socket.display()))
             .args(args)
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", "wasm_task=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting wasm-task serve");
-        Daemon { child, dir, socket, log }
+        Daemon { child, _dir: dir, socket, log }
     }
 
     /// Polls until the daemon accepts connections.
+    ///
+    /// The probe connection gets a worker of its own; it says nothing and
+    /// hangs up, and waits until that worker has exited and been reaped, so
+    /// that tests counting workers start from none.
     pub fn wait_ready(&self) {
         let started = Instant::now();
-        while UnixStream::connect(&self.socket).is_err() {
-            assert!(started.elapsed() < READY_BOUND, "daemon not ready in time:\n{}", self.log_text());
-            std::thread::sleep(Duration::from_millis(10));
+        let mut probe = loop {
+            match UnixStream::connect(&self.socket) {
+                Ok(s) => break s,
+                Err(_) => {
+                    assert!(
+                        started.elapsed() < READY_BOUND,
+                        "daemon not ready:\n{}",
+                        self.log_text()
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        };
+        probe.shutdown(std::net::Shutdown::Write).unwrap();
+        probe.set_read_timeout(Some(READY_BOUND)).unwrap();
+        // Returns once the probe's worker has closed its end, i.e. exited.
+        let _ = probe.read_to_end(&mut Vec::new());
+        while !children(self.pid()).is_empty() {
+            assert!(
+                started.elapsed() < READY_BOUND,
+                "probe worker not reaped:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -127,11 +153,6 @@ impl Daemon {
     /// Everything the daemon logged so far.
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Live (non-zombie) worker processes of this daemon.
-    pub fn workers(&self) -> Vec<u32> {
-        children(self.pid()).into_iter().filter(|p| state(*p).is_some_and(|s| s != 'Z')).collect()
     }
 
     /// Sends SIGTERM and waits for the exit status.

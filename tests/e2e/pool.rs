@@ -55,18 +55,23 @@ async fn hundred_checkouts_share_five_workers() {
 #[tokio::test]
 async fn checkout_times_out_when_all_workers_are_busy() {
     let daemon = Daemon::start(&[]);
-    let client = daemon.client("testguest").max_workers(1).timeout(Some(Duration::from_millis(300))).build();
+    let client =
+        daemon.client("testguest").max_workers(1).timeout(Some(Duration::from_millis(300))).build();
     let held = client.checkout().await.unwrap();
 
     let err = client.checkout().await.unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
     assert!(err.to_string().contains("waiting for a worker"), "{err}");
 
-    // The held worker is unaffected.
-    assert_eq!(held.call::<u64>("incr", &()).await.unwrap(), 1);
+    // The timed-out wait did not harm the pool: the worker serves the next checkout.
+    let pid = held.worker_pid();
+    drop(held);
+    let next = client.checkout().await.unwrap();
+    assert_eq!(next.worker_pid(), pid);
+    assert_eq!(next.call::<u64>("incr", &()).await.unwrap(), 1);
 }
 
-async fn call_outliving_its_timeout(method: &str, arg: u64) {
+async fn call_outliving_its_timeout(method: &str, arg: impl serde::Serialize) {
     let daemon = Daemon::start(&[]);
     let timeout = Duration::from_millis(500);
     let client = daemon.client("testguest").timeout(Some(timeout)).build();
@@ -86,12 +91,12 @@ async fn call_outliving_its_timeout(method: &str, arg: u64) {
 
 #[tokio::test]
 async fn call_spinning_past_the_timeout_fails_and_its_worker_is_killed() {
-    call_outliving_its_timeout("spin", 0).await;
+    call_outliving_its_timeout("spin", ()).await;
 }
 
 #[tokio::test]
 async fn call_blocked_in_a_host_sleep_past_the_timeout_fails_and_its_worker_is_killed() {
-    call_outliving_its_timeout("sleep_ms", 600_000).await;
+    call_outliving_its_timeout("sleep_ms", 600_000u64).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +117,8 @@ async fn client_started_before_the_daemon_gets_its_answer() {
     // The daemon compiles its modules before it listens, so the client's
     // first attempts find no socket.
     let g = guests();
-    let daemon = Daemon::spawn(dir, socket, &[format!("--module=testguest={}", g.testguest.display())]);
+    let daemon =
+        Daemon::spawn(dir, socket, &[format!("--module=testguest={}", g.testguest.display())]);
     assert_eq!(call.await.unwrap().unwrap(), 1);
     drop(daemon);
 }
@@ -120,9 +126,10 @@ async fn client_started_before_the_daemon_gets_its_answer() {
 #[tokio::test]
 async fn checkout_without_a_daemon_reports_the_connect_error() {
     let dir = tempfile::tempdir().unwrap();
-    let client = Client::builder(wasm_task::Address::Unix(dir.path().join("nobody.sock")), "testguest")
-        .timeout(Some(Duration::from_millis(300)))
-        .build();
+    let client =
+        Client::builder(wasm_task::Address::Unix(dir.path().join("nobody.sock")), "testguest")
+            .timeout(Some(Duration::from_millis(300)))
+            .build();
     let err = client.checkout().await.unwrap_err();
     assert!(matches!(err, Error::Connect { .. }), "{err:?}");
     assert!(err.to_string().contains("nobody.sock"), "{err}");

@@ -52,7 +52,9 @@ async fn lookup_guest_cannot_reach_outside_its_directory() {
     let client = daemon.client("lookup").build();
     let worker = client.checkout().await.unwrap();
 
-    for name in ["/etc/passwd", "../etc/passwd", "../../../../etc/passwd", "passwd-link", "etc-link/passwd"] {
+    for name in
+        ["/etc/passwd", "../etc/passwd", "../../../../etc/passwd", "passwd-link", "etc-link/passwd"]
+    {
         match get_file(&worker, name).await {
             Err(Error::GuestError { message, .. }) => {
                 assert!(!message.contains("root:"), "{name}: {message}")
@@ -69,7 +71,8 @@ async fn lookup_guest_cannot_write_into_its_read_only_directory() {
     let worker = client.checkout().await.unwrap();
 
     for name in ["new.txt", "capitals.tsv"] {
-        let err = worker.call::<()>("put_file", &PutFile { name, contents: "x" }).await.unwrap_err();
+        let err =
+            worker.call::<()>("put_file", &PutFile { name, contents: "x" }).await.unwrap_err();
         assert!(matches!(err, Error::GuestError { .. }), "{name}: {err:?}");
     }
     assert!(!data.path().join("new.txt").exists());
@@ -87,7 +90,9 @@ async fn lookup_setup_failure_names_the_missing_file() {
     let client = daemon.client("lookup").min_workers(0).build();
     let err = client.checkout().await.unwrap_err();
     match &err {
-        Error::SetupFailed { message, .. } => assert!(message.contains("capitals.tsv"), "{message}"),
+        Error::SetupFailed { message, .. } => {
+            assert!(message.contains("capitals.tsv"), "{message}")
+        }
         other => panic!("expected a setup failure, got {other:?}"),
     }
 }

@@ -4,7 +4,8 @@ use std::ops::Range;
 use std::time::Instant;
 
 use wasmtime::{
-    Caller, Engine, Extern, Instance, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc, WasmBacktrace,
+    Caller, Engine, Extern, Instance, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc,
+    WasmBacktrace,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
@@ -40,7 +41,12 @@ struct Limits {
 }
 
 impl ResourceLimiter for Limits {
-    fn memory_growing(&mut self, _: usize, desired: usize, _: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _: usize,
+        desired: usize,
+        _: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.max_memory {
             self.hit = Some(format!(
                 "memory limit of {} MiB reached (asked for {} MiB)",
@@ -52,7 +58,12 @@ impl ResourceLimiter for Limits {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _: usize, desired: usize, _: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _: usize,
+        desired: usize,
+        _: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         const MAX_TABLE: usize = 100_000;
         if desired > MAX_TABLE {
             self.hit = Some(format!("table limit of {MAX_TABLE} elements reached"));
@@ -155,7 +166,11 @@ impl Guest {
     ///
     /// Setup is a separate step ([`Guest::setup`]) so the caller can tell
     /// the two failures apart.
-    pub fn instantiate(engine: &Engine, module: &LoadedModule, max_memory: usize) -> Result<Guest, ErrorReply> {
+    pub fn instantiate(
+        engine: &Engine,
+        module: &LoadedModule,
+        max_memory: usize,
+    ) -> Result<Guest, ErrorReply> {
         let state = new_state(module, max_memory).map_err(|e| setup_error(format!("{e:#}")))?;
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limits);
@@ -169,7 +184,8 @@ impl Guest {
         })?;
         // The export types were checked when the module was loaded.
         let memory = instance.get_memory(&mut store, "memory").expect("checked at load");
-        let alloc = instance.get_typed_func(&mut store, "wasm_task_alloc").expect("checked at load");
+        let alloc =
+            instance.get_typed_func(&mut store, "wasm_task_alloc").expect("checked at load");
         let call = instance.get_typed_func(&mut store, "wasm_task_call").expect("checked at load");
         let checkout_done = instance.get_typed_func(&mut store, "wasm_task_checkout_done").ok();
         let mut guest = Guest { store, instance, memory, alloc, call, checkout_done };
@@ -235,7 +251,10 @@ impl Guest {
         mem[..ml].copy_from_slice(method.as_bytes());
         mem[ml..].copy_from_slice(args);
 
-        let record = self.call.call(&mut self.store, (buf, ml as i32, al as i32)).map_err(|e| self.error(e))?;
+        let record = self
+            .call
+            .call(&mut self.store, (buf, ml as i32, al as i32))
+            .map_err(|e| self.error(e))?;
         self.read_record(record, method)
     }
 
@@ -263,7 +282,8 @@ impl Guest {
                 logs.push(LogRecord { level: 3, target: target.into(), message, at_us });
             }
             if drained.dropped > 0 {
-                let message = format!("{} bytes of {target} dropped (limit reached)", drained.dropped);
+                let message =
+                    format!("{} bytes of {target} dropped (limit reached)", drained.dropped);
                 logs.push(LogRecord { level: 2, target: "wasm_task".into(), message, at_us });
             }
         }
@@ -306,7 +326,9 @@ impl Guest {
         let text = || String::from_utf8_lossy(&data[bytes.clone()]).into_owned();
         match status {
             STATUS_OK => Ok(bytes),
-            STATUS_ERROR => Err(ErrorReply { kind: ErrorKind::GuestError, message: text(), backtrace: None }),
+            STATUS_ERROR => {
+                Err(ErrorReply { kind: ErrorKind::GuestError, message: text(), backtrace: None })
+            }
             STATUS_UNKNOWN_METHOD => {
                 let detail = text();
                 let message = if detail.is_empty() {
@@ -380,7 +402,11 @@ fn classify(store: &mut Store<HostState>, err: wasmtime::Error) -> ErrorReply {
 }
 
 fn abi_error(msg: &str) -> ErrorReply {
-    ErrorReply { kind: ErrorKind::Protocol, message: format!("guest broke the ABI: {msg}"), backtrace: None }
+    ErrorReply {
+        kind: ErrorKind::Protocol,
+        message: format!("guest broke the ABI: {msg}"),
+        backtrace: None,
+    }
 }
 
 fn setup_error(message: String) -> ErrorReply {

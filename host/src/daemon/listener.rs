@@ -65,8 +65,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// Blocks until the listener or the signalfd is readable.
-fn wait_readable(listener: BorrowedFd<'_>, signals: BorrowedFd<'_>) -> anyhow::Result<(bool, bool)> {
-    let mut fds = [PollFd::new(listener, PollFlags::POLLIN), PollFd::new(signals, PollFlags::POLLIN)];
+fn wait_readable(
+    listener: BorrowedFd<'_>,
+    signals: BorrowedFd<'_>,
+) -> anyhow::Result<(bool, bool)> {
+    let mut fds =
+        [PollFd::new(listener, PollFlags::POLLIN), PollFd::new(signals, PollFlags::POLLIN)];
     loop {
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => break,
@@ -98,7 +102,9 @@ fn handle_signals(sfd: &mut SignalFd) -> anyhow::Result<bool> {
 fn reap_children() {
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => info!(worker.pid = pid.as_raw(), code, "worker exited"),
+            Ok(WaitStatus::Exited(pid, code)) => {
+                info!(worker.pid = pid.as_raw(), code, "worker exited")
+            }
             Ok(WaitStatus::Signaled(pid, sig, _)) => {
                 info!(worker.pid = pid.as_raw(), signal = %sig, "worker killed")
             }
@@ -129,7 +135,9 @@ fn accept_all(listener: &Listener, modules: &Modules, config: &Config, mask: &Si
         // so the child starts with consistent memory; the child never returns
         // from `become_worker`.
         match unsafe { fork() } {
-            Ok(ForkResult::Child) => become_worker(stream, modules, config, mask, [listener.fd().as_raw_fd(), sfd]),
+            Ok(ForkResult::Child) => {
+                become_worker(stream, modules, config, mask, [listener.fd().as_raw_fd(), sfd])
+            }
             Ok(ForkResult::Parent { child }) => {
                 info!(worker.pid = child.as_raw(), "worker forked");
                 // The stream is dropped here: the parent keeps no descriptor
@@ -141,7 +149,13 @@ fn accept_all(listener: &Listener, modules: &Modules, config: &Config, mask: &Si
 }
 
 /// The first steps of a freshly forked child; never returns.
-fn become_worker(stream: Stream, modules: &Modules, config: &Config, mask: &SigSet, parent_fds: [RawFd; 2]) -> ! {
+fn become_worker(
+    stream: Stream,
+    modules: &Modules,
+    config: &Config,
+    mask: &SigSet,
+    parent_fds: [RawFd; 2],
+) -> ! {
     for fd in parent_fds {
         // The Rust owners of these descriptors live on in the parent's frames,
         // which this process never returns to, so they are never closed twice.
@@ -173,12 +187,14 @@ impl Listener {
         let listener = match address {
             Address::Unix(path) => {
                 let listener = bind_unix(path)?;
-                let meta = fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+                let meta =
+                    fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
                 Listener::Unix { listener, path: path.clone(), inode: (meta.dev(), meta.ino()) }
             }
-            Address::Tcp(addr) => {
-                Listener::Tcp(TcpListener::bind(addr).with_context(|| format!("binding tcp:{addr}"))?)
-            }
+            Address::Tcp { host, port } => Listener::Tcp(
+                TcpListener::bind((host.as_str(), *port))
+                    .with_context(|| format!("binding {address}"))?,
+            ),
         };
         match &listener {
             Listener::Unix { listener, .. } => listener.set_nonblocking(true),
@@ -236,9 +252,13 @@ fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
             Ok(_) => bail!("another daemon is already listening on {}", path.display()),
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 info!(path = %path.display(), "removing stale socket file");
-                fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+                fs::remove_file(path)
+                    .with_context(|| format!("removing stale socket {}", path.display()))?;
             }
-            Err(e) => return Err(e).with_context(|| format!("checking existing socket {}", path.display())),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("checking existing socket {}", path.display()));
+            }
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("stat {}", path.display())),

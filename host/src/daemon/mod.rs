@@ -122,7 +122,10 @@ mod tests {
     fn dir_spec_parses_module_and_mode() {
         let d: DirSpec = "lookup=data:/data:ro".parse().unwrap();
         assert_eq!(d.module.as_deref(), Some("lookup"));
-        assert_eq!((d.host.to_str().unwrap(), d.guest.as_str(), d.writable), ("data", "/data", false));
+        assert_eq!(
+            (d.host.to_str().unwrap(), d.guest.as_str(), d.writable),
+            ("data", "/data", false)
+        );
 
         let d: DirSpec = "/tmp/x:/scratch:rw".parse().unwrap();
         assert_eq!((d.module, d.writable, d.guest.as_str()), (None, true, "/scratch"));

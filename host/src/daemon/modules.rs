@@ -95,18 +95,19 @@ fn load_one(
     linker: &Linker<HostState>,
     path: &Path,
 ) -> anyhow::Result<(InstancePre<HostState>, OptionalExports)> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let module = Module::new(engine, &bytes)
         .map_err(anyhow::Error::from)
         .with_context(|| format!("{} is not a valid wasm module", path.display()))?;
     let exports = check_exports(&module).with_context(|| {
-        format!("{} does not implement the wasm-task guest ABI v1 (see docs/abi.md)", path.display())
+        format!(
+            "{} does not implement the wasm-task guest ABI v1 (see docs/abi.md)",
+            path.display()
+        )
     })?;
-    let pre = linker
-        .instantiate_pre(&module)
-        .map_err(anyhow::Error::from)
-        .with_context(|| format!("{} imports something the daemon does not provide", path.display()))?;
+    let pre = linker.instantiate_pre(&module).map_err(anyhow::Error::from).with_context(|| {
+        format!("{} imports something the daemon does not provide", path.display())
+    })?;
     Ok((pre, exports))
 }
 
@@ -130,7 +131,12 @@ fn check_exports(module: &Module) -> anyhow::Result<OptionalExports> {
     })
 }
 
-fn require_func(module: &Module, name: &str, params: &[ValType], results: &[ValType]) -> anyhow::Result<()> {
+fn require_func(
+    module: &Module,
+    name: &str,
+    params: &[ValType],
+    results: &[ValType],
+) -> anyhow::Result<()> {
     if !optional_func(module, name, params, results)? {
         bail!("missing export `{name}`");
     }

@@ -20,9 +20,6 @@ use crate::protocol::{
 /// How long a fresh connection may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Room left in a reply frame for everything but the result bytes.
-const REPLY_OVERHEAD: usize = 64 << 10;
-
 /// An accepted client connection.
 pub enum Stream {
     /// A unix-domain socket connection.
@@ -81,15 +78,17 @@ impl Write for Stream {
 /// Never returns: a worker must not fall back into the parent's code paths.
 pub fn run(stream: Stream, modules: &Modules, max_frame: usize) -> ! {
     let span = tracing::info_span!("worker", worker.pid = std::process::id());
-    let code = span.in_scope(|| match Connection::new(stream, max_frame).and_then(|mut c| c.serve(modules)) {
-        Ok(()) => 0,
-        Err(e @ ConnError::Refused(_)) => {
-            info!(reason = %e, "worker ends without serving");
-            1
-        }
-        Err(e) => {
-            warn!(error = %e, "worker ends on an error");
-            1
+    let code = span.in_scope(|| {
+        match Connection::new(stream, max_frame).and_then(|mut c| c.serve(modules)) {
+            Ok(()) => 0,
+            Err(e @ ConnError::Refused(_)) => {
+                info!(reason = %e, "worker ends without serving");
+                1
+            }
+            Err(e) => {
+                warn!(error = %e, "worker ends on an error");
+                1
+            }
         }
     });
     // SAFETY: ending the process without running the parent's exit-time
@@ -119,15 +118,18 @@ enum ConnError {
 
 impl Connection {
     fn new(stream: Stream, max_frame: usize) -> Result<Connection, ConnError> {
-        let reader = BufReader::with_capacity(64 << 10, stream.try_clone().map_err(FrameError::Io)?);
+        let reader =
+            BufReader::with_capacity(64 << 10, stream.try_clone().map_err(FrameError::Io)?);
         Ok(Connection { reader, writer: stream, max_frame, body: Vec::new(), out: Vec::new() })
     }
 
     fn serve(&mut self, modules: &Modules) -> Result<(), ConnError> {
         let Some((module, mut guest)) = self.hello(modules)? else { return Ok(()) };
-        let watchdog =
-            Watchdog::start(self.writer.dup_fd().map_err(ConnError::Watchdog)?, modules.engine.clone())
-                .map_err(ConnError::Watchdog)?;
+        let watchdog = Watchdog::start(
+            self.writer.dup_fd().map_err(ConnError::Watchdog)?,
+            modules.engine.clone(),
+        )
+        .map_err(ConnError::Watchdog)?;
         let ready = self.start_guest(module, &mut guest, &watchdog)?;
         self.send(&Response::Hello(ready))?;
         info!(module = %module.name, "worker ready");
@@ -139,12 +141,23 @@ impl Connection {
             }
             let request = match protocol::decode::<Request>(&self.body) {
                 Ok(r) => r,
-                Err(e) => return Err(self.refuse(ErrorKind::Protocol, format!("{e}: {}", source_of(&e)))),
+                Err(e) => {
+                    return Err(self.refuse(ErrorKind::Protocol, format!("{e}: {}", source_of(&e))));
+                }
             };
             let fatal = match request {
                 Request::Call { id, method, args, timeout_ms } => {
                     let timeout = timeout_ms.map(Duration::from_millis);
-                    call(&mut self.out, &mut guest, &watchdog, id, method, args, timeout, self.max_frame)?
+                    call(
+                        &mut self.out,
+                        &mut guest,
+                        &watchdog,
+                        id,
+                        method,
+                        args,
+                        timeout,
+                        self.max_frame,
+                    )?
                 }
                 Request::CheckoutDone { id } => {
                     watchdog.begin(None);
@@ -154,7 +167,10 @@ impl Connection {
                     let fatal = result.as_ref().is_err_and(|e| e.kind.is_fatal());
                     let error = result.err();
                     let logs = guest.take_logs();
-                    protocol::encode_frame(&Response::CheckoutDone { id, error, logs }, &mut self.out)?;
+                    protocol::encode_frame(
+                        &Response::CheckoutDone { id, error, logs },
+                        &mut self.out,
+                    )?;
                     fatal
                 }
                 Request::Hello { .. } => {
@@ -170,7 +186,10 @@ impl Connection {
     }
 
     /// Reads the hello and instantiates the module it names.
-    fn hello<'m>(&mut self, modules: &'m Modules) -> Result<Option<(&'m LoadedModule, Guest)>, ConnError> {
+    fn hello<'m>(
+        &mut self,
+        modules: &'m Modules,
+    ) -> Result<Option<(&'m LoadedModule, Guest)>, ConnError> {
         // A client that connects and says nothing must not hold a process forever.
         self.writer.set_read_timeout(Some(HELLO_TIMEOUT)).map_err(FrameError::Io)?;
         if !self.read()? {
@@ -183,15 +202,20 @@ impl Connection {
                 (module.to_owned(), client.to_owned())
             }
             Ok(Request::Hello { version, .. }) => {
-                let msg = format!("protocol version {version} is not supported (worker speaks {PROTOCOL_VERSION})");
+                let msg = format!(
+                    "protocol version {version} is not supported (worker speaks {PROTOCOL_VERSION})"
+                );
                 return Err(self.refuse(ErrorKind::Protocol, msg));
             }
             Ok(_) => return Err(self.refuse(ErrorKind::Protocol, "expected a hello first".into())),
-            Err(e) => return Err(self.refuse(ErrorKind::Protocol, format!("{e}: {}", source_of(&e)))),
+            Err(e) => {
+                return Err(self.refuse(ErrorKind::Protocol, format!("{e}: {}", source_of(&e))));
+            }
         };
         let Some(module) = modules.get(&name) else {
             let served: Vec<_> = modules.modules.iter().map(|m| m.name.as_str()).collect();
-            let msg = format!("the daemon serves no module `{name}` (it serves: {})", served.join(", "));
+            let msg =
+                format!("the daemon serves no module `{name}` (it serves: {})", served.join(", "));
             return Err(self.refuse(ErrorKind::UnknownModule, msg));
         };
         title::set(&format!("wasm-task worker {name}"), &format!("wt:{name}"));
@@ -209,7 +233,12 @@ impl Connection {
     }
 
     /// Lists the guest's methods and runs its setup hook.
-    fn start_guest(&mut self, module: &LoadedModule, guest: &mut Guest, watchdog: &Watchdog) -> Result<HelloReply, ConnError> {
+    fn start_guest(
+        &mut self,
+        module: &LoadedModule,
+        guest: &mut Guest,
+        watchdog: &Watchdog,
+    ) -> Result<HelloReply, ConnError> {
         watchdog.begin(None);
         let methods = guest.methods(module);
         let setup = methods.and_then(|m| guest.setup(module).map(|()| m));
@@ -277,16 +306,9 @@ fn call(
     debug!(method, timeout_ms = timeout.map(|t| t.as_millis() as u64), "calling");
     watchdog.begin(timeout);
     guest.arm_deadline(timeout.is_some());
-    let mut result = guest.call(method, args);
+    let result = guest.call(method, args);
     watchdog.end();
     let logs = guest.take_logs();
-
-    if let Ok(r) = &result
-        && r.len() > max_frame.saturating_sub(REPLY_OVERHEAD)
-    {
-        let message = format!("reply of {} bytes exceeds the {max_frame} byte frame limit", r.len());
-        result = Err(ErrorReply { kind: ErrorKind::Limit, message, backtrace: None });
-    }
     let elapsed_us = started.elapsed().as_micros() as u64;
     let fatal = match &result {
         Ok(_) => {
@@ -301,6 +323,18 @@ fn call(
     let data = guest.data();
     let result = result.map(|r| Payload(&data[r]));
     protocol::encode_frame(&Response::Reply { id, result, logs }, out)?;
+    if out.len() - protocol::HEADER_LEN > max_frame {
+        // Too big to send: the client would drop the connection on it. Say
+        // why instead, and retire the worker like any limit.
+        let message = format!(
+            "reply of {} bytes exceeds the {max_frame} byte frame limit",
+            out.len() - protocol::HEADER_LEN
+        );
+        let error = ErrorReply { kind: ErrorKind::Limit, message, backtrace: None };
+        let reply = Response::Reply { id, result: Err(error), logs: Vec::new() };
+        protocol::encode_frame(&reply, out)?;
+        return Ok(true);
+    }
     Ok(fatal)
 }
 

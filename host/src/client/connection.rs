@@ -1,0 +1,200 @@
+//! One socket to one worker, carrying length-prefixed MessagePack frames.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
+
+use super::Address;
+
+/// A connected socket of either family.
+#[derive(Debug)]
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Why a frame could not be sent or received.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WireError {
+    /// The peer closed the connection between two frames.
+    #[error("connection closed")]
+    Closed,
+    /// The peer closed the connection in the middle of a frame.
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    /// The peer announced a frame longer than the limit.
+    #[error("incoming frame exceeds the {max} byte limit")]
+    TooLarge {
+        /// The limit in force.
+        max: usize,
+    },
+    /// A message to send is longer than the limit.
+    #[error("outgoing frame of {len} bytes exceeds the {max} byte limit")]
+    TooLong {
+        /// The message's length.
+        len: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// A message could not be encoded.
+    #[error("encoding a message")]
+    Encode(#[from] rmp_serde::encode::Error),
+    /// The socket failed.
+    #[error("socket i/o")]
+    Io(#[from] io::Error),
+}
+
+/// The length-delimited codec, with typed errors for oversized and cut frames.
+struct FrameCodec {
+    inner: LengthDelimitedCodec,
+    max: usize,
+}
+
+impl Decoder for FrameCodec {
+    type Item = BytesMut;
+    type Error = WireError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, WireError> {
+        self.inner.decode(src).map_err(|err| match err.kind() {
+            // The length codec's only decode error is a frame above the limit.
+            io::ErrorKind::InvalidData => WireError::TooLarge { max: self.max },
+            _ => WireError::Io(err),
+        })
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, WireError> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() => Ok(None),
+            None => Err(WireError::Truncated),
+        }
+    }
+}
+
+impl Encoder<Bytes> for FrameCodec {
+    type Error = WireError;
+
+    fn encode(&mut self, body: Bytes, dst: &mut BytesMut) -> Result<(), WireError> {
+        if body.len() > self.max {
+            return Err(WireError::TooLong { len: body.len(), max: self.max });
+        }
+        Ok(self.inner.encode(body, dst)?)
+    }
+}
+
+/// A framed connection to one worker.
+pub(crate) struct Connection {
+    framed: Framed<Stream, FrameCodec>,
+}
+
+impl Connection {
+    /// Connects to the daemon; frames above `max_frame` bytes are refused both ways.
+    pub(crate) async fn open(address: &Address, max_frame: usize) -> io::Result<Connection> {
+        let stream = match address {
+            Address::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
+            Address::Tcp { host, port } => {
+                let stream = TcpStream::connect((host.as_str(), *port)).await?;
+                // Requests and replies are small and strictly alternate.
+                stream.set_nodelay(true)?;
+                Stream::Tcp(stream)
+            }
+        };
+        let inner = LengthDelimitedCodec::builder()
+            .length_field_type::<u32>()
+            .big_endian()
+            .max_frame_length(max_frame)
+            .new_codec();
+        Ok(Connection { framed: Framed::new(stream, FrameCodec { inner, max: max_frame }) })
+    }
+
+    /// Encodes `msg` (structs as maps, as the protocol says) and sends it as one frame.
+    pub(crate) async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), WireError> {
+        let body = rmp_serde::to_vec_named(msg)?;
+        self.framed.send(Bytes::from(body)).await
+    }
+
+    /// Receives the body of the next frame.
+    pub(crate) async fn recv(&mut self) -> Result<BytesMut, WireError> {
+        self.framed.next().await.unwrap_or(Err(WireError::Closed))
+    }
+
+    /// Tells, without blocking, whether the connection can still be used: the
+    /// peer has not closed it and has sent nothing unasked.
+    pub(crate) fn is_usable(&self) -> bool {
+        if !self.framed.read_buffer().is_empty() {
+            return false;
+        }
+        let mut byte = 0u8;
+        // SAFETY: the descriptor belongs to the socket this connection owns,
+        // which stays open for the whole call; `byte` is one writable byte and
+        // the length passed is 1. MSG_PEEK leaves any data in the socket.
+        let got = unsafe {
+            libc::recv(
+                self.framed.get_ref().as_raw_fd(),
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        // 0: the peer closed; 1: a byte nobody asked for; -1 with EAGAIN: idle
+        // and open, as it should be. Any other error means a broken socket.
+        got < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+    }
+}
