@@ -80,6 +80,8 @@ pub enum Response<'a> {
         result: Result<Payload<'a>, ErrorReply>,
         /// Log records the guest made during the call.
         logs: Vec<LogRecord>,
+        /// What the call cost the worker.
+        stats: CallStats,
     },
     /// The outcome of a [`Request::CheckoutDone`].
     CheckoutDone {
@@ -154,6 +156,17 @@ impl ErrorKind {
     }
 }
 
+/// What one call cost the worker, measured there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallStats {
+    /// Wall-clock time the guest ran, in microseconds.
+    pub wall_us: u64,
+    /// CPU time the worker's thread used during the call, in microseconds.
+    pub cpu_us: u64,
+    /// Fuel the guest consumed, when the module runs with a fuel budget.
+    pub fuel: Option<u64>,
+}
+
 /// A log record made by the guest, relayed with the reply it belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogRecord {
@@ -163,6 +176,8 @@ pub struct LogRecord {
     pub target: String,
     /// The text of the record.
     pub message: String,
+    /// Key-value fields attached to the record, in the order given.
+    pub fields: Vec<(String, String)>,
     /// Microseconds from the start of the call to the record.
     pub at_us: u64,
 }
@@ -272,7 +287,12 @@ mod tests {
         let mut buf = Vec::new();
         let err =
             ErrorReply { kind: ErrorKind::GuestTrap, message: "boom".into(), backtrace: None };
-        let resp = Response::Reply { id: 1, result: Err(err.clone()), logs: vec![] };
+        let resp = Response::Reply {
+            id: 1,
+            result: Err(err.clone()),
+            logs: vec![],
+            stats: CallStats::default(),
+        };
         encode_frame(&resp, &mut buf).unwrap();
         match decode::<Response>(&buf[HEADER_LEN..]).unwrap() {
             Response::Reply { result: Err(e), .. } => assert_eq!(e, err),

@@ -145,7 +145,7 @@ impl Worker {
 
         let frame = self.conn.recv().await.map_err(|err| self.recv_failure(method, err))?;
         let (got, result, records) = match rmp_serde::from_slice::<Response>(&frame) {
-            Ok(Response::Reply { id, result, logs }) => (id, result, logs),
+            Ok(Response::Reply { id, result, logs, .. }) => (id, result, logs),
             Ok(other) => {
                 let got = message_name(&other);
                 let source = ProtocolError::Unexpected { expected: "a call reply", got };

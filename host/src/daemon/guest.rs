@@ -144,7 +144,7 @@ impl HostState {
             return;
         }
         let at_us = self.call_start.elapsed().as_micros() as u64;
-        self.logs.push(LogRecord { level, target, message, at_us });
+        self.logs.push(LogRecord { level, target, message, fields: Vec::new(), at_us });
     }
 }
 
@@ -279,18 +279,18 @@ impl Guest {
         for (target, capture) in [("stdout", &state.stdout), ("stderr", &state.stderr)] {
             let drained = capture.drain();
             for message in drained.lines {
-                logs.push(LogRecord { level: 3, target: target.into(), message, at_us });
+                logs.push(record(3, target, message, at_us));
             }
             if drained.dropped > 0 {
                 let message =
                     format!("{} bytes of {target} dropped (limit reached)", drained.dropped);
-                logs.push(LogRecord { level: 2, target: "wasm_task".into(), message, at_us });
+                logs.push(record(2, "wasm_task", message, at_us));
             }
         }
         let dropped = std::mem::take(&mut state.logs_dropped);
         if dropped > 0 {
             let message = format!("{dropped} log records dropped (limit {MAX_LOG_RECORDS})");
-            logs.push(LogRecord { level: 2, target: "wasm_task".into(), message, at_us });
+            logs.push(record(2, "wasm_task", message, at_us));
         }
         logs
     }
@@ -346,6 +346,10 @@ impl Guest {
     fn error(&mut self, err: wasmtime::Error) -> ErrorReply {
         classify(&mut self.store, err)
     }
+}
+
+fn record(level: u8, target: &str, message: String, at_us: u64) -> LogRecord {
+    LogRecord { level, target: target.into(), message, fields: Vec::new(), at_us }
 }
 
 /// An epoch deadline far enough away to mean "none".

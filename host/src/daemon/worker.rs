@@ -13,8 +13,8 @@ use super::modules::{LoadedModule, Modules};
 use super::title;
 use super::watchdog::Watchdog;
 use crate::protocol::{
-    self, ErrorKind, ErrorReply, FrameError, HelloReply, PROTOCOL_VERSION, Payload, Request,
-    Response,
+    self, CallStats, ErrorKind, ErrorReply, FrameError, HelloReply, PROTOCOL_VERSION, Payload,
+    Request, Response,
 };
 
 /// How long a fresh connection may take to send its hello.
@@ -303,13 +303,19 @@ fn call(
     max_frame: usize,
 ) -> Result<bool, ConnError> {
     let started = Instant::now();
+    let cpu_started = thread_cpu_time();
     debug!(method, timeout_ms = timeout.map(|t| t.as_millis() as u64), "calling");
     watchdog.begin(timeout);
     guest.arm_deadline(timeout.is_some());
     let result = guest.call(method, args);
     watchdog.end();
-    let logs = guest.take_logs();
     let elapsed_us = started.elapsed().as_micros() as u64;
+    let stats = CallStats {
+        wall_us: elapsed_us,
+        cpu_us: thread_cpu_time().saturating_sub(cpu_started).as_micros() as u64,
+        fuel: None,
+    };
+    let logs = guest.take_logs();
     let fatal = match &result {
         Ok(_) => {
             debug!(method, elapsed_us, "call succeeded");
@@ -322,7 +328,7 @@ fn call(
     };
     let data = guest.data();
     let result = result.map(|r| Payload(&data[r]));
-    protocol::encode_frame(&Response::Reply { id, result, logs }, out)?;
+    protocol::encode_frame(&Response::Reply { id, result, logs, stats }, out)?;
     if out.len() - protocol::HEADER_LEN > max_frame {
         // Too big to send: the client would drop the connection on it. Say
         // why instead, and retire the worker like any limit.
@@ -331,7 +337,7 @@ fn call(
             out.len() - protocol::HEADER_LEN
         );
         let error = ErrorReply { kind: ErrorKind::Limit, message, backtrace: None };
-        let reply = Response::Reply { id, result: Err(error), logs: Vec::new() };
+        let reply = Response::Reply { id, result: Err(error), logs: Vec::new(), stats };
         protocol::encode_frame(&reply, out)?;
         return Ok(true);
     }
@@ -345,6 +351,13 @@ fn setup_failure(mut e: ErrorReply) -> ErrorReply {
         e.kind = ErrorKind::SetupFailed;
     }
     e
+}
+
+/// CPU time consumed by the calling thread so far.
+fn thread_cpu_time() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or_default()
 }
 
 fn source_of(e: &FrameError) -> String {

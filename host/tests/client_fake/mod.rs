@@ -25,7 +25,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use wasm_task::protocol::{
-    ErrorKind, ErrorReply, HelloReply, LogRecord, PROTOCOL_VERSION, Payload, Request, Response,
+    CallStats, ErrorKind, ErrorReply, HelloReply, LogRecord, PROTOCOL_VERSION, Payload, Request,
+    Response,
 };
 use wasm_task::{Address, Client, ClientBuilder};
 
@@ -279,7 +280,7 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     }
 
     let pid_bytes = rmp_serde::to_vec(&pid).unwrap();
-    let reply = |result| Response::Reply { id, result, logs: vec![] };
+    let reply = |result| Response::Reply { id, result, logs: vec![], stats: CallStats::default() };
     match method {
         "echo" => {
             seen.echoed.lock().unwrap().push(args.to_vec());
@@ -316,7 +317,12 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
             let _ = conn.send(Bytes::from_static(&[0xc1])).await;
         }
         "wrong_id" => {
-            let wrong = Response::Reply { id: id + 100, result: Ok(Payload(args)), logs: vec![] };
+            let wrong = Response::Reply {
+                id: id + 100,
+                result: Ok(Payload(args)),
+                logs: vec![],
+                stats: CallStats::default(),
+            };
             send(conn, &wrong).await;
         }
         "log" => {
@@ -325,11 +331,27 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
                     level: 2,
                     target: "guest::db".into(),
                     message: "cache cold".into(),
+                    fields: vec![("key".into(), "k1".into())],
                     at_us: 7,
                 },
-                LogRecord { level: 4, target: "stdout".into(), message: "hello".into(), at_us: 9 },
+                LogRecord {
+                    level: 4,
+                    target: "stdout".into(),
+                    message: "hello".into(),
+                    fields: vec![],
+                    at_us: 9,
+                },
             ];
-            send(conn, &Response::Reply { id, result: Ok(Payload(args)), logs }).await;
+            send(
+                conn,
+                &Response::Reply {
+                    id,
+                    result: Ok(Payload(args)),
+                    logs,
+                    stats: CallStats::default(),
+                },
+            )
+            .await;
         }
         _ => send(conn, &reply(Err(error(ErrorKind::UnknownMethod, "no such method")))).await,
     }
