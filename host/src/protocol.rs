@@ -80,7 +80,8 @@ pub enum Response<'a> {
         result: Result<Payload<'a>, ErrorReply>,
         /// Log records the guest made during the call.
         logs: Vec<LogRecord>,
-        /// What the call cost the worker.
+        /// What the call cost the worker (absent from older workers).
+        #[serde(default)]
         stats: CallStats,
     },
     /// The outcome of a [`Request::CheckoutDone`].
@@ -177,6 +178,7 @@ pub struct LogRecord {
     /// The text of the record.
     pub message: String,
     /// Key-value fields attached to the record, in the order given.
+    #[serde(default)]
     pub fields: Vec<(String, String)>,
     /// Microseconds from the start of the call to the record.
     pub at_us: u64,

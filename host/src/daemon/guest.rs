@@ -17,6 +17,18 @@ use crate::protocol::{ErrorKind, ErrorReply, LogRecord};
 /// Log records kept per call; beyond this they are counted and dropped.
 const MAX_LOG_RECORDS: usize = 1000;
 
+/// Bytes kept of one record's message (and of a trap message); the rest is cut.
+const MAX_MESSAGE_BYTES: usize = 16 << 10;
+
+/// Bytes kept of one record's target.
+const MAX_TARGET_BYTES: usize = 256;
+
+/// Bytes of log records kept per call, at most; see [`log_budget`].
+const MAX_LOG_BYTES: usize = 1 << 20;
+
+/// Bytes of method names a guest may declare.
+const MAX_METHOD_LIST_BYTES: usize = 64 << 10;
+
 /// Status values of the reply record.
 const STATUS_OK: u32 = 0;
 const STATUS_ERROR: u32 = 1;
@@ -29,6 +41,11 @@ pub struct HostState {
     call_start: Instant,
     logs: Vec<LogRecord>,
     logs_dropped: usize,
+    /// The host's own remarks about the call (output or records dropped).
+    notes: Vec<String>,
+    /// Bytes of `logs`, and the most allowed per call.
+    log_bytes: usize,
+    log_limit: usize,
     trap_message: Option<String>,
     stdout: Capture,
     stderr: Capture,
@@ -90,11 +107,10 @@ pub fn add_imports(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
         "log",
         |mut caller: Caller<'_, HostState>, level: i32, tp: i32, tl: i32, mp: i32, ml: i32| {
             let mem = caller_memory(&mut caller)?;
-            let data = mem.data(&caller);
-            let target = lossy(slice(data, tp, tl)?);
-            let message = lossy(slice(data, mp, ml)?);
-            let level = level.clamp(1, 5) as u8;
-            caller.data_mut().push_log(level, target, message);
+            let (data, state) = mem.data_and_store_mut(&mut caller);
+            let target = slice(data, tp, tl)?;
+            let message = slice(data, mp, ml)?;
+            state.push_log(level.clamp(1, 5) as u8, target, message, Vec::new());
             Ok(())
         },
     )?;
@@ -103,7 +119,7 @@ pub fn add_imports(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
         "trap_message",
         |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| {
             let mem = caller_memory(&mut caller)?;
-            let message = lossy(slice(mem.data(&caller), ptr, len)?);
+            let message = lossy(slice(mem.data(&caller), ptr, len)?, MAX_MESSAGE_BYTES);
             caller.data_mut().trap_message = Some(message);
             Ok(())
         },
@@ -133,18 +149,44 @@ fn range(size: usize, ptr: u32, len: u32) -> Result<Range<usize>, String> {
     }
 }
 
-fn lossy(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// Text from guest bytes: invalid UTF-8 replaced, cut to `max` bytes.
+fn lossy(bytes: &[u8], max: usize) -> String {
+    let cut = bytes.len() > max;
+    let mut text = String::from_utf8_lossy(&bytes[..bytes.len().min(max)]).into_owned();
+    if cut {
+        text.push_str(" [truncated]");
+    }
+    text
+}
+
+/// Bytes of log records a call may produce with frames of at most `max_frame`
+/// bytes: a quarter of a frame, so that records never crowd out a result.
+pub fn log_budget(max_frame: usize) -> usize {
+    MAX_LOG_BYTES.min(max_frame / 4)
 }
 
 impl HostState {
-    fn push_log(&mut self, level: u8, target: String, message: String) {
-        if self.logs.len() >= MAX_LOG_RECORDS {
+    /// Keeps one log record, within the per-call bounds; counts it as
+    /// dropped beyond them.
+    fn push_log(
+        &mut self,
+        level: u8,
+        target: &[u8],
+        message: &[u8],
+        fields: Vec<(String, String)>,
+    ) {
+        let target = lossy(target, MAX_TARGET_BYTES);
+        let message = lossy(message, MAX_MESSAGE_BYTES);
+        let size = target.len()
+            + message.len()
+            + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        if self.logs.len() >= MAX_LOG_RECORDS || self.log_bytes + size > self.log_limit {
             self.logs_dropped += 1;
             return;
         }
+        self.log_bytes += size;
         let at_us = self.call_start.elapsed().as_micros() as u64;
-        self.logs.push(LogRecord { level, target, message, fields: Vec::new(), at_us });
+        self.logs.push(LogRecord { level, target, message, fields, at_us });
     }
 }
 
@@ -170,8 +212,10 @@ impl Guest {
         engine: &Engine,
         module: &LoadedModule,
         max_memory: usize,
+        log_limit: usize,
     ) -> Result<Guest, ErrorReply> {
-        let state = new_state(module, max_memory).map_err(|e| setup_error(format!("{e:#}")))?;
+        let state =
+            new_state(module, max_memory, log_limit).map_err(|e| setup_error(format!("{e:#}")))?;
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
@@ -203,6 +247,11 @@ impl Guest {
             return Ok(Vec::new());
         }
         let reply = self.hook("wasm_task_methods")?;
+        if reply.len() > MAX_METHOD_LIST_BYTES {
+            let msg =
+                format!("method list of {} bytes exceeds {MAX_METHOD_LIST_BYTES}", reply.len());
+            return Err(abi_error(&msg));
+        }
         let text = std::str::from_utf8(&self.data()[reply])
             .map_err(|_| abi_error("method list is not UTF-8"))?;
         Ok(text.split('\n').filter(|m| !m.is_empty()).map(str::to_owned).collect())
@@ -226,7 +275,12 @@ impl Guest {
         let Some(hook) = self.checkout_done.clone() else { return Ok(()) };
         self.begin();
         let record = hook.call(&mut self.store, ()).map_err(|e| self.error(e))?;
-        self.read_record(record, "")?;
+        self.read_record(record, "").map_err(|mut e| {
+            if !e.kind.is_fatal() {
+                e.kind = ErrorKind::CheckoutDoneFailed;
+            }
+            e
+        })?;
         Ok(())
     }
 
@@ -274,24 +328,29 @@ impl Guest {
     /// Takes the log records and output lines made since the last call began.
     pub fn take_logs(&mut self) -> Vec<LogRecord> {
         let state = self.store.data_mut();
-        let at_us = state.call_start.elapsed().as_micros() as u64;
-        let mut logs = std::mem::take(&mut state.logs);
-        for (target, capture) in [("stdout", &state.stdout), ("stderr", &state.stderr)] {
+        for (target, capture) in
+            [("stdout", state.stdout.clone()), ("stderr", state.stderr.clone())]
+        {
             let drained = capture.drain();
-            for message in drained.lines {
-                logs.push(record(3, target, message, at_us));
+            for line in drained.lines {
+                state.push_log(3, target.as_bytes(), line.as_bytes(), Vec::new());
             }
             if drained.dropped > 0 {
-                let message =
-                    format!("{} bytes of {target} dropped (limit reached)", drained.dropped);
-                logs.push(record(2, "wasm_task", message, at_us));
+                let note = format!("{} bytes of {target} dropped (limit reached)", drained.dropped);
+                state.notes.push(note);
             }
         }
         let dropped = std::mem::take(&mut state.logs_dropped);
         if dropped > 0 {
-            let message = format!("{dropped} log records dropped (limit {MAX_LOG_RECORDS})");
-            logs.push(record(2, "wasm_task", message, at_us));
+            state.notes.push(format!(
+                "{dropped} log records dropped (limits: {MAX_LOG_RECORDS} records, {} bytes per call)",
+                state.log_limit
+            ));
         }
+        let at_us = state.call_start.elapsed().as_micros() as u64;
+        let mut logs = std::mem::take(&mut state.logs);
+        logs.extend(state.notes.drain(..).map(|note| record(2, "wasm_task", note, at_us)));
+        state.log_bytes = 0;
         logs
     }
 
@@ -300,6 +359,9 @@ impl Guest {
         let state = self.store.data_mut();
         state.call_start = Instant::now();
         state.trap_message = None;
+        // A refused growth the guest handled earlier says nothing about
+        // how this entry ends.
+        state.limits.hit = None;
     }
 
     fn hook(&mut self, name: &str) -> Result<ReplyBytes, ErrorReply> {
@@ -331,7 +393,9 @@ impl Guest {
             }
             STATUS_UNKNOWN_METHOD => {
                 let detail = text();
-                let message = if detail.is_empty() {
+                let message = if method.is_empty() {
+                    format!("a hook answered with status 2 (unknown method): {detail}")
+                } else if detail.is_empty() {
                     format!("no method `{method}`")
                 } else {
                     format!("no method `{method}`: {detail}")
@@ -355,7 +419,11 @@ fn record(level: u8, target: &str, message: String, at_us: u64) -> LogRecord {
 /// An epoch deadline far enough away to mean "none".
 const NO_DEADLINE: u64 = u64::MAX / 2;
 
-fn new_state(module: &LoadedModule, max_memory: usize) -> anyhow::Result<HostState> {
+fn new_state(
+    module: &LoadedModule,
+    max_memory: usize,
+    log_limit: usize,
+) -> anyhow::Result<HostState> {
     let stdout = Capture::new(capture::DEFAULT_CAPACITY);
     let stderr = Capture::new(capture::DEFAULT_CAPACITY);
     let mut wasi = WasiCtxBuilder::new();
@@ -375,6 +443,9 @@ fn new_state(module: &LoadedModule, max_memory: usize) -> anyhow::Result<HostSta
         call_start: Instant::now(),
         logs: Vec::new(),
         logs_dropped: 0,
+        notes: Vec::new(),
+        log_bytes: 0,
+        log_limit,
         trap_message: None,
         stdout,
         stderr,
@@ -395,8 +466,8 @@ fn classify(store: &mut Store<HostState>, err: wasmtime::Error) -> ErrorReply {
         (ErrorKind::Limit, limit)
     } else if let Some(trap) = err.downcast_ref::<Trap>() {
         let message = match trap_message {
-            Some(m) => format!("{m} (wasm trap: {trap})"),
-            None => format!("wasm trap: {trap}"),
+            Some(m) => format!("{m} ({trap})"),
+            None => trap.to_string(),
         };
         (ErrorKind::GuestTrap, message)
     } else {

@@ -47,7 +47,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         .context("creating signalfd")?;
 
     let listener = Listener::bind(&config.listen)?;
-    info!(address = %config.listen, modules = ?names, pid = std::process::id(), "listening");
+    info!(address = %listener.describe(), modules = ?names, pid = std::process::id(), "listening");
 
     loop {
         let (accept, signal) = wait_readable(listener.fd(), sfd.as_fd())?;
@@ -126,8 +126,11 @@ fn accept_all(listener: &Listener, modules: &Modules, config: &Config, mask: &Si
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                // Out of descriptors or similar: log and retry on the next wake-up.
-                error!(error = %e, "accepting a connection failed");
+                // Out of descriptors or similar. The connection stays queued
+                // and the listener stays readable, so pause before the next
+                // try instead of spinning (and flooding the log).
+                error!(error = %e, "accepting a connection failed; pausing 100 ms");
+                std::thread::sleep(std::time::Duration::from_millis(100));
                 return;
             }
         };
@@ -202,6 +205,17 @@ impl Listener {
         }
         .context("making the listener non-blocking")?;
         Ok(listener)
+    }
+
+    /// The address actually bound (a TCP port of 0 resolved).
+    fn describe(&self) -> String {
+        match self {
+            Listener::Unix { path, .. } => format!("unix:{}", path.display()),
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(addr) => format!("tcp:{addr}"),
+                Err(_) => "tcp:?".to_owned(),
+            },
+        }
     }
 
     fn fd(&self) -> BorrowedFd<'_> {

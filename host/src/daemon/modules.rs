@@ -63,6 +63,9 @@ impl Modules {
                 bail!("module name `{}` is given twice", spec.name);
             }
             let (pre, exports) = load_one(&engine, &linker, &spec.path)
+                .and_then(|loaded| {
+                    check_memory(&loaded.0, &spec.path, config.max_memory).map(|()| loaded)
+                })
                 .with_context(|| format!("loading module `{}`", spec.name))?;
             let dirs = config.dirs.iter().filter(|d| d.applies_to(&spec.name)).cloned().collect();
             modules.push(LoadedModule { name: spec.name.clone(), pre, dirs, exports });
@@ -121,6 +124,13 @@ fn check_exports(module: &Module) -> anyhow::Result<OptionalExports> {
         None => bail!("missing export `memory`"),
     }
     require_func(module, "wasm_task_abi_v1", &[], &[])?;
+    if let Some(other) = module
+        .exports()
+        .map(|e| e.name())
+        .find(|n| n.starts_with("wasm_task_abi_v") && *n != "wasm_task_abi_v1")
+    {
+        bail!("exports both `wasm_task_abi_v1` and `{other}`; a module declares one ABI version");
+    }
     require_func(module, "wasm_task_alloc", I32, I32)?;
     require_func(module, "wasm_task_call", &[ValType::I32, ValType::I32, ValType::I32], I32)?;
     Ok(OptionalExports {
@@ -162,8 +172,34 @@ fn optional_func(
 }
 
 fn describe(params: &[ValType], results: &[ValType]) -> String {
-    let list = |v: &[ValType]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" ");
-    format!("(func (param {}) (result {}))", list(params), list(results))
+    let list = |kind: &str, v: &[ValType]| {
+        let types: Vec<_> = v.iter().map(|t| t.to_string()).collect();
+        if types.is_empty() { String::new() } else { format!(" ({kind} {})", types.join(" ")) }
+    };
+    format!("(func{}{})", list("param", params), list("result", results))
+}
+
+/// A module whose memory starts above the limit could never be instantiated.
+fn check_memory(
+    pre: &InstancePre<HostState>,
+    path: &Path,
+    max_memory: usize,
+) -> anyhow::Result<()> {
+    for export in pre.module().exports() {
+        if let ExternType::Memory(memory) = export.ty() {
+            let initial = memory.minimum().saturating_mul(memory.page_size());
+            if initial > max_memory as u64 {
+                bail!(
+                    "{}: memory `{}` starts at {} MiB, above the {} MiB limit",
+                    path.display(),
+                    export.name(),
+                    initial >> 20,
+                    max_memory >> 20
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A preopen must name a served module and an existing host directory.

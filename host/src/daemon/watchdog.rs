@@ -7,17 +7,18 @@
 //! period after its deadline (blocked in a host call, where epochs do not
 //! reach), it ends the process. Between calls it sleeps, costing nothing.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use wasmtime::Engine;
 
 /// How long a guest may stay stuck past its deadline before the worker exits.
 const GRACE: Duration = Duration::from_secs(1);
+
+const GRACE_NS: u64 = GRACE.as_nanos() as u64;
 
 /// Longest single wait, so that a finished call is noticed and the thread parks.
 const TICK: Duration = Duration::from_millis(100);
@@ -38,6 +39,9 @@ struct Shared {
     deadline_ns: AtomicU64,
     /// Whether the watchdog thread is parked (and needs an unpark).
     parked: AtomicBool,
+    /// Whether a hang-up of the client ends the process (it does while the
+    /// guest runs; while the main thread reads, it sees the close itself).
+    watch_hangup: AtomicBool,
 }
 
 impl Shared {
@@ -56,6 +60,7 @@ impl Watchdog {
             seq: AtomicU64::new(0),
             deadline_ns: AtomicU64::new(0),
             parked: AtomicBool::new(false),
+            watch_hangup: AtomicBool::new(true),
         });
         let state = shared.clone();
         let handle = thread::Builder::new()
@@ -64,10 +69,26 @@ impl Watchdog {
         Ok(Watchdog { shared, thread: handle.thread().clone() })
     }
 
-    /// A call starts now and may run for `timeout` (or forever when `None`).
+    /// Guest code starts running now and may run for `timeout` (or forever
+    /// when `None`); a client hanging up meanwhile ends the process.
     pub fn begin(&self, timeout: Option<Duration>) {
+        self.arm(timeout, true);
+    }
+
+    /// The main thread starts a read that must finish within `timeout`.
+    pub fn begin_read(&self, timeout: Duration) {
+        self.arm(Some(timeout), false);
+    }
+
+    fn arm(&self, timeout: Option<Duration>, watch_hangup: bool) {
         let s = &self.shared;
-        let deadline = timeout.map_or(0, |t| (s.now_ns() + t.as_nanos() as u64).max(1));
+        s.watch_hangup.store(watch_hangup, SeqCst);
+        // Saturating: a timeout of centuries means "no deadline in practice",
+        // never a wrapped-around one that has already passed.
+        let deadline = timeout.map_or(0, |t| {
+            let t = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
+            s.now_ns().saturating_add(t).max(1)
+        });
         s.deadline_ns.store(deadline, SeqCst);
         s.seq.fetch_add(1, SeqCst);
         s.busy.store(true, SeqCst);
@@ -102,9 +123,11 @@ fn watch(s: &Shared, conn: &OwnedFd, engine: &Engine) {
         let wait = match deadline {
             0 => TICK,
             d if d > now => TICK.min(Duration::from_nanos(d - now)),
-            d => TICK.min(Duration::from_nanos((d + GRACE.as_nanos() as u64).saturating_sub(now))),
+            d => TICK.min(Duration::from_nanos(d.saturating_add(GRACE_NS).saturating_sub(now))),
         };
-        if client_gone(conn, wait) {
+        if !s.watch_hangup.load(SeqCst) {
+            thread::sleep(wait);
+        } else if client_gone(conn, wait) {
             tracing::info!("client closed the connection during a call; worker exits");
             exit(0);
         }
@@ -115,10 +138,10 @@ fn watch(s: &Shared, conn: &OwnedFd, engine: &Engine) {
             engine.increment_epoch();
             interrupted = seq;
         }
-        if deadline != 0 && now >= deadline + GRACE.as_nanos() as u64 && same_call() {
+        if deadline != 0 && now >= deadline.saturating_add(GRACE_NS) && same_call() {
             tracing::error!(
                 grace_ms = GRACE.as_millis() as u64,
-                "guest still running after its deadline and grace period (blocked in a host call?); worker exits"
+                "still busy after the deadline and grace period (a guest blocked in a host call, or a client that never finished its hello); worker exits"
             );
             exit(1);
         }
@@ -126,19 +149,20 @@ fn watch(s: &Shared, conn: &OwnedFd, engine: &Engine) {
 }
 
 /// Waits up to `wait` for the peer of `conn` to hang up.
+///
+/// Uses libc's poll directly: nix's `PollFlags` has no POLLRDHUP and drops
+/// the whole `revents` when the kernel reports it.
 fn client_gone(conn: &OwnedFd, wait: Duration) -> bool {
-    // nix does not name POLLRDHUP; it is Linux's "peer closed its end".
-    let flags = PollFlags::from_bits_retain(libc::POLLRDHUP);
-    let mut fds = [PollFd::new(conn.as_fd(), flags)];
-    let ms = PollTimeout::try_from(wait.as_millis().max(1) as i32).unwrap_or(PollTimeout::MAX);
-    match poll(&mut fds, ms) {
-        Ok(0) | Err(nix::errno::Errno::EINTR) => false,
-        Ok(_) => {
-            let got = fds[0].revents().unwrap_or(PollFlags::empty());
-            got.intersects(flags | PollFlags::POLLHUP | PollFlags::POLLERR)
-        }
-        Err(_) => true,
+    let mut fd = libc::pollfd { fd: conn.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+    let ms = i32::try_from(wait.as_millis().max(1)).unwrap_or(i32::MAX);
+    // SAFETY: `fd` is one valid pollfd that outlives the call.
+    let n = unsafe { libc::poll(&mut fd, 1, ms) };
+    if n < 0 {
+        // EINTR: try again on the next round; any other error means the
+        // descriptor is unusable, and so is the connection.
+        return std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted;
     }
+    n > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
 fn exit(code: i32) -> ! {

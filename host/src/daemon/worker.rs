@@ -6,9 +6,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use super::guest::Guest;
+use super::guest::{Guest, log_budget};
 use super::modules::{LoadedModule, Modules};
 use super::title;
 use super::watchdog::Watchdog;
@@ -17,7 +17,8 @@ use crate::protocol::{
     Request, Response,
 };
 
-/// How long a fresh connection may take to send its hello.
+/// How long a fresh connection may take to send its hello (plus the
+/// watchdog's grace period).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An accepted client connection.
@@ -40,13 +41,6 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.as_fd().try_clone_to_owned(),
             Stream::Tcp(s) => s.as_fd().try_clone_to_owned(),
-        }
-    }
-
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.set_read_timeout(t),
-            Stream::Tcp(s) => s.set_read_timeout(t),
         }
     }
 }
@@ -78,22 +72,39 @@ impl Write for Stream {
 /// Never returns: a worker must not fall back into the parent's code paths.
 pub fn run(stream: Stream, modules: &Modules, max_frame: usize) -> ! {
     let span = tracing::info_span!("worker", worker.pid = std::process::id());
-    let code = span.in_scope(|| {
-        match Connection::new(stream, max_frame).and_then(|mut c| c.serve(modules)) {
-            Ok(()) => 0,
-            Err(e @ ConnError::Refused(_)) => {
-                info!(reason = %e, "worker ends without serving");
-                1
-            }
-            Err(e) => {
-                warn!(error = %e, "worker ends on an error");
-                1
-            }
+    // A panic must end this process here: unwinding further would run the
+    // parent's code (and drop the parent's descriptors) in the child.
+    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        span.in_scope(|| Connection::new(stream, max_frame).and_then(|mut c| c.serve(modules)))
+    }));
+    let code = span.in_scope(|| match served {
+        Ok(Ok(())) => 0,
+        Ok(Err(e @ ConnError::Refused(_))) => {
+            info!(reason = %e, "worker ends without serving");
+            1
+        }
+        Ok(Err(ConnError::Frame(FrameError::Io(e)))) if client_left(&e) => {
+            info!(error = %e, "client went away");
+            0
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "worker ends on an error");
+            1
+        }
+        Err(_) => {
+            error!("worker panicked; exiting");
+            101
         }
     });
     // SAFETY: ending the process without running the parent's exit-time
     // handlers, which belong to the daemon, not to this worker.
     unsafe { libc::_exit(code) }
+}
+
+/// Whether an i/o error just means the client closed its end.
+fn client_left(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof)
 }
 
 /// The worker side of one connection.
@@ -124,12 +135,14 @@ impl Connection {
     }
 
     fn serve(&mut self, modules: &Modules) -> Result<(), ConnError> {
-        let Some((module, mut guest)) = self.hello(modules)? else { return Ok(()) };
+        // The watchdog runs from the start: the hello, instantiation and
+        // setup can hang as well as a call can.
         let watchdog = Watchdog::start(
             self.writer.dup_fd().map_err(ConnError::Watchdog)?,
             modules.engine.clone(),
         )
         .map_err(ConnError::Watchdog)?;
+        let Some((module, mut guest)) = self.hello(modules, &watchdog)? else { return Ok(()) };
         let ready = self.start_guest(module, &mut guest, &watchdog)?;
         self.send(&Response::Hello(ready))?;
         info!(module = %module.name, "worker ready");
@@ -189,17 +202,20 @@ impl Connection {
     fn hello<'m>(
         &mut self,
         modules: &'m Modules,
+        watchdog: &Watchdog,
     ) -> Result<Option<(&'m LoadedModule, Guest)>, ConnError> {
-        // A client that connects and says nothing must not hold a process forever.
-        self.writer.set_read_timeout(Some(HELLO_TIMEOUT)).map_err(FrameError::Io)?;
-        if !self.read()? {
+        // A client that connects and dawdles must not hold a process for
+        // long: the whole hello, not each read, has a deadline.
+        watchdog.begin_read(HELLO_TIMEOUT);
+        let got = self.read();
+        watchdog.end();
+        if !got? {
             return Ok(None);
         }
-        self.writer.set_read_timeout(None).map_err(FrameError::Io)?;
 
         let (name, client) = match protocol::decode::<Request>(&self.body) {
             Ok(Request::Hello { version, module, client }) if version == PROTOCOL_VERSION => {
-                (module.to_owned(), client.to_owned())
+                (module.to_owned(), printable(client, 128))
             }
             Ok(Request::Hello { version, .. }) => {
                 let msg = format!(
@@ -214,16 +230,26 @@ impl Connection {
         };
         let Some(module) = modules.get(&name) else {
             let served: Vec<_> = modules.modules.iter().map(|m| m.name.as_str()).collect();
-            let msg =
-                format!("the daemon serves no module `{name}` (it serves: {})", served.join(", "));
+            let msg = format!(
+                "the daemon serves no module {:?} (it serves: {})",
+                printable(&name, 128),
+                served.join(", ")
+            );
             return Err(self.refuse(ErrorKind::UnknownModule, msg));
         };
         title::set(&format!("wasm-task worker {name}"), &format!("wt:{name}"));
-        tracing::Span::current().record("module", name.as_str());
-        info!(module = %name, client = %client, "client connected");
+        info!(module = %name, client = ?client, "client connected");
 
         let started = Instant::now();
-        match Guest::instantiate(&modules.engine, module, modules.max_memory) {
+        watchdog.begin(None);
+        let guest = Guest::instantiate(
+            &modules.engine,
+            module,
+            modules.max_memory,
+            log_budget(self.max_frame),
+        );
+        watchdog.end();
+        match guest {
             Ok(guest) => {
                 debug!(elapsed_us = started.elapsed().as_micros() as u64, "instantiated");
                 Ok(Some((module, guest)))
@@ -244,7 +270,15 @@ impl Connection {
         let setup = methods.and_then(|m| guest.setup(module).map(|()| m));
         watchdog.end();
         for record in guest.take_logs() {
-            info!(target: "wasm_task::guest", level = record.level, guest_target = %record.target, "{}", record.message);
+            // Debug formatting escapes what the guest wrote, so it cannot
+            // forge lines of the daemon's log.
+            info!(
+                target: "wasm_task::guest",
+                level = record.level,
+                guest_target = ?record.target,
+                message = ?record.message,
+                "guest log during setup"
+            );
         }
         match setup {
             Ok(methods) => Ok(HelloReply {
@@ -351,6 +385,11 @@ fn setup_failure(mut e: ErrorReply) -> ErrorReply {
         e.kind = ErrorKind::SetupFailed;
     }
     e
+}
+
+/// `text` cut to `max` characters, for logs and messages: a peer chooses it.
+fn printable(text: &str, max: usize) -> String {
+    text.chars().take(max).collect()
 }
 
 /// CPU time consumed by the calling thread so far.
