@@ -6,4 +6,5 @@ mod harness;
 mod calls;
 mod daemon;
 mod pool;
+mod robustness;
 mod sandbox;
