@@ -101,7 +101,7 @@ fn load_one(
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let module = Module::new(engine, &bytes)
         .map_err(anyhow::Error::from)
-        .with_context(|| format!("{} is not a valid wasm module", path.display()))?;
+        .with_context(|| format!("{} is not a valid wasm module or WAT text", path.display()))?;
     let exports = check_exports(&module).with_context(|| {
         format!(
             "{} does not implement the wasm-task guest ABI v1 (see docs/abi.md)",
