@@ -36,6 +36,20 @@ pub struct Config {
     pub max_memory: usize,
 }
 
+impl Config {
+    /// A configuration serving `modules` on `listen` with every other
+    /// setting at its default (the CLI's defaults).
+    pub fn new(listen: crate::Address, modules: Vec<ModuleSpec>) -> Config {
+        Config {
+            listen,
+            modules,
+            dirs: Vec::new(),
+            max_frame: crate::protocol::DEFAULT_MAX_FRAME,
+            max_memory: 64 << 20,
+        }
+    }
+}
+
 /// A module to serve: `NAME=PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModuleSpec {
