@@ -24,6 +24,9 @@ pub struct Guests {
     pub testguest: PathBuf,
     pub hasher: PathBuf,
     pub lookup: PathBuf,
+    /// Used by the benchmark, which shares this harness.
+    #[allow(dead_code)]
+    pub bench: PathBuf,
     pub echo_wat: PathBuf,
 }
 
@@ -40,7 +43,16 @@ pub fn guests() -> &'static Guests {
         let status = Command::new(cargo)
             .current_dir(&root)
             .args(["build", "--release", "--target", "wasm32-wasip1"])
-            .args(["-p", "testguest", "-p", "hasher-guest", "-p", "lookup-guest"])
+            .args([
+                "-p",
+                "testguest",
+                "-p",
+                "hasher-guest",
+                "-p",
+                "lookup-guest",
+                "-p",
+                "benchguest",
+            ])
             .env("CARGO_TARGET_DIR", &target)
             .status()
             .expect("running cargo to build the guests");
@@ -50,6 +62,7 @@ pub fn guests() -> &'static Guests {
             testguest: wasm("testguest"),
             hasher: wasm("hasher_guest"),
             lookup: wasm("lookup_guest"),
+            bench: wasm("benchguest"),
             echo_wat: root.join("tests/guests/echo.wat"),
         }
     })
@@ -86,14 +99,25 @@ impl Daemon {
         daemon
     }
 
-    /// Starts a daemon in `dir` on `socket` without waiting for it.
+    /// Starts a daemon in `dir` on `socket` without waiting for it, logging
+    /// at debug level (tests read the log).
     pub fn spawn(dir: tempfile::TempDir, socket: PathBuf, args: &[String]) -> Daemon {
+        Daemon::spawn_logging(dir, socket, args, "wasm_task=debug")
+    }
+
+    /// Like [`Daemon::spawn`] with `RUST_LOG` set to `filter`.
+    pub fn spawn_logging(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        args: &[String],
+        filter: &str,
+    ) -> Daemon {
         let log = dir.path().join(format!("daemon-{}.log", unique()));
         let child = Command::new(env!("CARGO_BIN_EXE_wasm-task"))
             .arg("serve")
             .arg(format!("--listen=unix:{}", socket.display()))
             .args(args)
-            .env("RUST_LOG", "wasm_task=debug")
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())

@@ -1,0 +1,125 @@
+//! The benchmark: the real daemon binary, a real guest and the client
+//! library, each figure printed beside a baseline measured in the same run
+//! (ratios, not absolute times: shared machines drift).
+//!
+//! - `cargo bench -p wasm-task --bench pool`: the full run (release build).
+//! - `cargo test -p wasm-task --bench pool -- --quick`: a few seconds, to
+//!   check that every measurement works; its figures mean nothing.
+//!
+//! The table is printed and written, with the machine it ran on, to
+//! `target/bench/results.json`; the figure goes to `target/bench/figure.svg`.
+
+#[allow(dead_code)]
+#[path = "../tests/e2e/harness.rs"]
+mod harness;
+mod memory;
+mod plot;
+mod queue;
+mod report;
+mod roundtrip;
+mod spawn;
+mod sys;
+mod throughput;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use wasm_task::Address;
+use wasm_task::daemon::modules::Modules;
+use wasm_task::daemon::{Config, ModuleSpec};
+
+use crate::harness::Daemon;
+use crate::report::Row;
+
+/// How much of everything to measure.
+struct Sizes {
+    runs: usize,
+    per_run: usize,
+    spawns: usize,
+    colds: usize,
+    calls: usize,
+    queue: usize,
+    recycles: usize,
+}
+
+const FULL: Sizes = Sizes {
+    runs: 5,
+    per_run: 2000,
+    spawns: 300,
+    colds: 50,
+    calls: 4000,
+    queue: 10_000,
+    recycles: 10_000,
+};
+const QUICK: Sizes =
+    Sizes { runs: 2, per_run: 50, spawns: 10, colds: 3, calls: 40, queue: 200, recycles: 50 };
+
+fn main() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let sizes = if quick { QUICK } else { FULL };
+    let out = harness::workspace().join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let guest = harness::guests().bench.clone();
+
+    // Baselines that fork must run while this process has one thread.
+    let spec = ModuleSpec { name: "bench".into(), path: guest.clone() };
+    let modules = Modules::load(&Config::new(Address::Unix(PathBuf::from("/unused")), vec![spec]))
+        .context("loading the bench guest in-process")?;
+    let fork_baseline = spawn::fork_instantiate(&modules, "bench", sizes.spawns)?;
+    let (in_process, rounds) = throughput::in_process(&modules, sizes.calls)?;
+    let mut pingpong = roundtrip::PingPong::spawn()?;
+
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("bench.sock");
+    let daemon = Daemon::spawn_logging(
+        dir,
+        socket,
+        &[format!("--module=bench={}", guest.display())],
+        "warn",
+    );
+    daemon.wait_ready();
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (rows, plotted, throughput) = runtime.block_on(async {
+        let mut rows: Vec<Row> = Vec::new();
+        let client = daemon.client("bench").min_workers(1).max_workers(1).build();
+        let (round_trips, product, baseline) =
+            roundtrip::measure(&client, &mut pingpong, sizes.runs, sizes.per_run).await?;
+        drop(client);
+        rows.extend(round_trips);
+
+        let spawned = spawn::product_spawns(&daemon, sizes.spawns).await?;
+        let cold = spawn::cold_clients(&daemon, sizes.colds).await?;
+        rows.extend(spawn::rows(&spawned, &cold, &fork_baseline));
+
+        let one = throughput::pooled(&daemon, 1, rounds, sizes.calls).await?;
+        let two = throughput::pooled(&daemon, 2, rounds, sizes.calls).await?;
+        rows.extend(throughput::rows(in_process, one, two));
+
+        rows.extend(queue::rows(&queue::run(&daemon, sizes.queue).await?));
+
+        let (idle, linear) = memory::idle_worker(&daemon).await?;
+        let (before, after, _) = memory::daemon_recycles(&daemon, sizes.recycles).await?;
+        rows.extend(memory::rows(&idle, linear, &before, &after, sizes.recycles));
+        anyhow::Ok((rows, (product, baseline), vec![(1.0, one), (2.0, two)]))
+    })?;
+
+    let machine = sys::machine();
+    println!(
+        "wasm-task benchmark{} on {machine}",
+        if quick { " (quick mode: figures not meaningful)" } else { "" }
+    );
+    println!("{}", report::table(&rows));
+    let json = serde_json::json!({ "machine": machine, "quick": quick, "rows": rows });
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&json)?)?;
+    plot::write(&out.join("figure.svg"), &plotted.0, &plotted.1, &throughput, in_process)?;
+    println!(
+        "wrote {} and {}",
+        out.join("results.json").display(),
+        out.join("figure.svg").display()
+    );
+
+    let broken: Vec<_> = rows.iter().filter(|r| !r.ratio.is_finite() || r.value <= 0.0).collect();
+    anyhow::ensure!(broken.is_empty(), "measurements without a result: {broken:?}");
+    Ok(())
+}

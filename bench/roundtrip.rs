@@ -1,0 +1,169 @@
+//! Call round trip on a held checkout, beside a plain ping-pong of the same
+//! frames between two processes.
+
+use std::io::BufReader;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde_bytes::ByteBuf;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use wasm_task::protocol::{self, CallStats, DEFAULT_MAX_FRAME, Payload, Request, Response};
+
+use crate::report::{Row, Samples};
+use crate::sys;
+
+/// The ping-pong peer: a forked process answering each call frame with a
+/// reply carrying the arguments back, with blocking I/O like a worker.
+pub struct PingPong {
+    pub pid: i32,
+    stream: Option<StdUnixStream>,
+}
+
+impl PingPong {
+    /// Forks the peer. Call before any runtime or thread exists.
+    pub fn spawn() -> anyhow::Result<PingPong> {
+        let (ours, theirs) = StdUnixStream::pair()?;
+        // SAFETY: the benchmark is single-threaded at this point; the child
+        // only serves frames and exits.
+        match unsafe { libc::fork() } {
+            -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+            0 => {
+                drop(ours);
+                serve(theirs);
+                // SAFETY: leave without running the parent's exit handlers.
+                unsafe { libc::_exit(0) }
+            }
+            pid => Ok(PingPong { pid, stream: Some(ours) }),
+        }
+    }
+
+    /// The parent's end, as a tokio stream (once).
+    pub fn connect(&mut self) -> anyhow::Result<tokio::net::UnixStream> {
+        let stream = self.stream.take().context("ping-pong stream taken twice")?;
+        stream.set_nonblocking(true)?;
+        Ok(tokio::net::UnixStream::from_std(stream)?)
+    }
+}
+
+impl Drop for PingPong {
+    fn drop(&mut self) {
+        // SAFETY: signalling and reaping our own child.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+fn serve(stream: StdUnixStream) {
+    let Ok(clone) = stream.try_clone() else { return };
+    let mut reader = BufReader::with_capacity(64 << 10, clone);
+    let mut writer = stream;
+    let (mut body, mut out) = (Vec::new(), Vec::new());
+    while let Ok(true) = protocol::read_frame(&mut reader, &mut body, DEFAULT_MAX_FRAME) {
+        let Ok(Request::Call { id, args, .. }) = protocol::decode::<Request>(&body) else { return };
+        let reply = Response::Reply {
+            id,
+            result: Ok(Payload(args)),
+            logs: Vec::new(),
+            stats: CallStats::default(),
+        };
+        if protocol::encode_frame(&reply, &mut out).is_err()
+            || protocol::write_frame(&mut writer, &out).is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Round trips over the bare framing, the way the client frames a call.
+pub async fn pingpong_calls(
+    framed: &mut Framed<tokio::net::UnixStream, LengthDelimitedCodec>,
+    payload: &ByteBuf,
+    n: usize,
+) -> anyhow::Result<Samples> {
+    let mut samples = Vec::with_capacity(n);
+    for id in 0..n as u64 {
+        let started = Instant::now();
+        let args = rmp_serde::to_vec_named(payload)?;
+        let call = Request::Call { id, method: "echo", args: &args, timeout_ms: Some(30_000) };
+        framed.send(Bytes::from(rmp_serde::to_vec_named(&call)?)).await?;
+        let frame = framed.next().await.context("ping-pong peer closed")??;
+        let Response::Reply { result: Ok(Payload(bytes)), .. } = protocol::decode(&frame)? else {
+            bail!("unexpected ping-pong answer");
+        };
+        let back: ByteBuf = rmp_serde::from_slice(bytes)?;
+        anyhow::ensure!(back.len() == payload.len(), "ping-pong echoed the wrong size");
+        samples.push(started.elapsed());
+    }
+    Ok(Samples(samples))
+}
+
+/// Round trips through the client library to the bench guest's `echo`.
+pub async fn product_calls(
+    checkout: &wasm_task::Checkout,
+    payload: &ByteBuf,
+    n: usize,
+) -> anyhow::Result<Samples> {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        let back: ByteBuf = checkout.call("echo", payload).await?;
+        anyhow::ensure!(back.len() == payload.len(), "echo returned the wrong size");
+        samples.push(started.elapsed());
+    }
+    Ok(Samples(samples))
+}
+
+/// All round-trip rows: two payload sizes, two placements, runs interleaved
+/// so that drift hits product and baseline alike.
+pub async fn measure(
+    client: &wasm_task::Client,
+    pingpong: &mut PingPong,
+    runs: usize,
+    per_run: usize,
+) -> anyhow::Result<(Vec<Row>, Samples, Samples)> {
+    let checkout = client.checkout().await?;
+    let worker = checkout.worker_pid() as i32;
+    let codec = LengthDelimitedCodec::builder().max_frame_length(DEFAULT_MAX_FRAME).new_codec();
+    let mut framed = Framed::new(pingpong.connect()?, codec);
+
+    let mut rows = Vec::new();
+    let mut plotted = (Samples::default(), Samples::default());
+    for (placement, cpu) in [("same core", Some(0)), ("unpinned", None)] {
+        for tid in [0, worker, pingpong.pid] {
+            sys::pin(tid, cpu);
+        }
+        for size in [64usize, 64 << 10] {
+            let payload = ByteBuf::from(vec![0xa5u8; size]);
+            // Warm both paths (allocations, caches) before measuring.
+            product_calls(&checkout, &payload, per_run.min(50)).await?;
+            pingpong_calls(&mut framed, &payload, per_run.min(50)).await?;
+            let (mut product, mut baseline) = (Samples::default(), Samples::default());
+            for _ in 0..runs {
+                baseline.0.extend(pingpong_calls(&mut framed, &payload, per_run).await?.0);
+                product.0.extend(product_calls(&checkout, &payload, per_run).await?.0);
+            }
+            let label = if size == 64 { "64 B".to_owned() } else { "64 KiB".to_owned() };
+            let name = format!("call round trip {label}, {placement}");
+            rows.push(Row::latency(
+                "round trip",
+                name,
+                &product,
+                "ping-pong",
+                &baseline,
+                Some(1.2),
+            ));
+            if size == 64 && cpu.is_some() {
+                plotted = (product, baseline);
+            }
+        }
+    }
+    for tid in [0, worker, pingpong.pid] {
+        sys::pin(tid, None);
+    }
+    Ok((rows, plotted.0, plotted.1))
+}
