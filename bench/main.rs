@@ -55,7 +55,12 @@ const QUICK: Sizes =
     Sizes { runs: 2, per_run: 50, spawns: 10, colds: 3, calls: 40, queue: 200, recycles: 50 };
 
 fn main() -> anyhow::Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only SECTION` measures one section (round trip, spawn, throughput,
+    // queue, memory) when working on it; the report then has only its rows.
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let wanted = |section: &str| only.as_deref().is_none_or(|o| section.starts_with(o));
     let sizes = if quick { QUICK } else { FULL };
     let out = harness::workspace().join("target/bench");
     std::fs::create_dir_all(&out)?;
@@ -80,28 +85,40 @@ fn main() -> anyhow::Result<()> {
     daemon.wait_ready();
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let (rows, plotted, throughput) = runtime.block_on(async {
+    let (rows, plotted, throughput): (
+        Vec<Row>,
+        (report::Samples, report::Samples),
+        Vec<(f64, f64)>,
+    ) = runtime.block_on(async {
         let mut rows: Vec<Row> = Vec::new();
-        let client = daemon.client("bench").min_workers(1).max_workers(1).build();
-        let (round_trips, product, baseline) =
-            roundtrip::measure(&client, &mut pingpong, sizes.runs, sizes.per_run).await?;
-        drop(client);
-        rows.extend(round_trips);
-
-        let spawned = spawn::product_spawns(&daemon, sizes.spawns).await?;
-        let cold = spawn::cold_clients(&daemon, sizes.colds).await?;
-        rows.extend(spawn::rows(&spawned, &cold, &fork_baseline));
-
-        let one = throughput::pooled(&daemon, 1, rounds, sizes.calls).await?;
-        let two = throughput::pooled(&daemon, 2, rounds, sizes.calls).await?;
-        rows.extend(throughput::rows(in_process, one, two));
-
-        rows.extend(queue::rows(&queue::run(&daemon, sizes.queue).await?));
-
-        let (idle, linear) = memory::idle_worker(&daemon).await?;
-        let (before, after, _) = memory::daemon_recycles(&daemon, sizes.recycles).await?;
-        rows.extend(memory::rows(&idle, linear, &before, &after, sizes.recycles));
-        anyhow::Ok((rows, (product, baseline), vec![(1.0, one), (2.0, two)]))
+        let (mut plotted, mut throughput) = (Default::default(), Vec::new());
+        if wanted("round trip") {
+            let client = daemon.client("bench").min_workers(1).max_workers(1).build();
+            let (round_trips, product, baseline) =
+                roundtrip::measure(&client, &mut pingpong, sizes.runs, sizes.per_run).await?;
+            rows.extend(round_trips);
+            plotted = (product, baseline);
+        }
+        if wanted("spawn") {
+            let spawned = spawn::product_spawns(&daemon, sizes.spawns).await?;
+            let cold = spawn::cold_clients(&daemon, sizes.colds).await?;
+            rows.extend(spawn::rows(&spawned, &cold, &fork_baseline));
+        }
+        if wanted("throughput") {
+            let one = throughput::pooled(&daemon, 1, rounds, sizes.calls).await?;
+            let two = throughput::pooled(&daemon, 2, rounds, sizes.calls).await?;
+            rows.extend(throughput::rows(in_process, one, two));
+            throughput = vec![(1.0, one), (2.0, two)];
+        }
+        if wanted("queue") {
+            rows.extend(queue::rows(&queue::run(&daemon, sizes.queue).await?));
+        }
+        if wanted("memory") {
+            let (idle, linear) = memory::idle_worker(&daemon).await?;
+            let (before, after, _) = memory::daemon_recycles(&daemon, sizes.recycles).await?;
+            rows.extend(memory::rows(&idle, linear, &before, &after, sizes.recycles));
+        }
+        anyhow::Ok((rows, plotted, throughput))
     })?;
 
     let machine = sys::machine();
@@ -119,7 +136,7 @@ fn main() -> anyhow::Result<()> {
         out.join("figure.svg").display()
     );
 
-    let broken: Vec<_> = rows.iter().filter(|r| !r.ratio.is_finite() || r.value <= 0.0).collect();
+    let broken: Vec<_> = rows.iter().filter(|r| !r.ratio.is_finite() || r.value < 0.0).collect();
     anyhow::ensure!(broken.is_empty(), "measurements without a result: {broken:?}");
     Ok(())
 }

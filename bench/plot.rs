@@ -45,7 +45,7 @@ pub fn write(
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
     chart.configure_series_labels().background_style(WHITE).border_style(BLACK).draw()?;
 
-    let ymax = throughput.iter().map(|(_, v)| *v).fold(in_process, f64::max) * 1.2;
+    let ymax = throughput.iter().map(|(_, v)| *v).fold(2.0 * in_process, f64::max) * 1.1;
     let mut chart = ChartBuilder::on(&right)
         .caption("~250 µs calls: throughput by workers", ("sans-serif", 18))
         .margin(15)
