@@ -129,12 +129,11 @@ fn main() -> anyhow::Result<()> {
     println!("{}", report::table(&rows));
     let json = serde_json::json!({ "machine": machine, "quick": quick, "rows": rows });
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&json)?)?;
-    plot::write(&out.join("figure.svg"), &plotted.0, &plotted.1, &throughput, in_process)?;
-    println!(
-        "wrote {} and {}",
-        out.join("results.json").display(),
-        out.join("figure.svg").display()
-    );
+    println!("wrote {}", out.join("results.json").display());
+    if only.is_none() {
+        plot::write(&out.join("figure.svg"), &plotted.0, &plotted.1, &throughput, in_process)?;
+        println!("wrote {}", out.join("figure.svg").display());
+    }
 
     let broken: Vec<_> = rows.iter().filter(|r| !r.ratio.is_finite() || r.value < 0.0).collect();
     anyhow::ensure!(broken.is_empty(), "measurements without a result: {broken:?}");
