@@ -31,6 +31,9 @@ use wasm_task::daemon::{Config, ModuleSpec};
 use crate::harness::Daemon;
 use crate::report::Row;
 
+/// The rows, the round-trip samples to plot, and throughput by workers.
+type Measured = (Vec<Row>, (report::Samples, report::Samples), Vec<(f64, f64)>);
+
 /// How much of everything to measure.
 struct Sizes {
     runs: usize,
@@ -85,11 +88,7 @@ fn main() -> anyhow::Result<()> {
     daemon.wait_ready();
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let (rows, plotted, throughput): (
-        Vec<Row>,
-        (report::Samples, report::Samples),
-        Vec<(f64, f64)>,
-    ) = runtime.block_on(async {
+    let (rows, plotted, throughput): Measured = runtime.block_on(async {
         let mut rows: Vec<Row> = Vec::new();
         let (mut plotted, mut throughput) = (Default::default(), Vec::new());
         if wanted("round trip") {
