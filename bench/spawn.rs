@@ -32,15 +32,10 @@ pub fn fork_instantiate(modules: &Modules, module: &str, n: usize) -> anyhow::Re
         match unsafe { libc::fork() } {
             -1 => bail!("fork: {}", std::io::Error::last_os_error()),
             0 => {
-                let ok = Guest::instantiate(
-                    &modules.engine,
-                    module,
-                    modules.max_memory,
-                    log_budget(DEFAULT_MAX_FRAME),
-                )
-                .ok()
-                .and_then(|mut g| g.call("nop", NIL).ok())
-                .is_some();
+                let ok = Guest::instantiate(module, log_budget(DEFAULT_MAX_FRAME))
+                    .ok()
+                    .and_then(|mut g| g.call("nop", NIL).ok())
+                    .is_some();
                 // SAFETY: write one byte to our pipe, then leave at once.
                 unsafe {
                     libc::write(fds[1], [ok as u8].as_ptr().cast(), 1);

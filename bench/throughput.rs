@@ -20,13 +20,8 @@ const CALL_TARGET: Duration = Duration::from_micros(250);
 /// the number of rounds that makes one call last about 250 µs.
 pub fn in_process(modules: &Modules, calls: usize) -> anyhow::Result<(f64, u32)> {
     let module = modules.get("bench").context("bench module not loaded")?;
-    let mut guest = Guest::instantiate(
-        &modules.engine,
-        module,
-        modules.max_memory,
-        log_budget(DEFAULT_MAX_FRAME),
-    )
-    .map_err(|e| anyhow::anyhow!("instantiating: {}", e.message))?;
+    let mut guest = Guest::instantiate(module, log_budget(DEFAULT_MAX_FRAME))
+        .map_err(|e| anyhow::anyhow!("instantiating: {}", e.message))?;
     let mut burn = |rounds: u32| -> anyhow::Result<()> {
         let args = rmp_serde::to_vec(&rounds)?;
         guest.call("burn", &args).map_err(|e| anyhow::anyhow!("burn: {}", e.message))?;

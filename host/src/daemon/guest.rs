@@ -1,17 +1,21 @@
 //! One guest instance and the ABI spoken with it (see `docs/abi.md`).
 
 use std::ops::Range;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 use wasmtime::{
-    Caller, Engine, Extern, Instance, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc,
+    Caller, Extern, Instance, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc,
     WasmBacktrace,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
-use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+use wasmtime_wasi::{FsPerms, HostMonotonicClock, HostWallClock, I32Exit, WasiCtxBuilder};
 
-use super::capture::{self, Capture};
+use super::capture::Capture;
 use super::modules::LoadedModule;
+use super::settings::Limits;
 use crate::protocol::{ErrorKind, ErrorReply, LogRecord};
 
 /// Log records kept per call; beyond this they are counted and dropped.
@@ -37,7 +41,7 @@ const STATUS_UNKNOWN_METHOD: u32 = 2;
 /// The per-instance state the host keeps in the wasmtime store.
 pub struct HostState {
     wasi: WasiP1Ctx,
-    limits: Limits,
+    limits: Limiter,
     call_start: Instant,
     logs: Vec<LogRecord>,
     logs_dropped: usize,
@@ -52,23 +56,25 @@ pub struct HostState {
 }
 
 /// Memory and table limits, remembering whether the guest ran into them.
-struct Limits {
-    max_memory: usize,
+struct Limiter {
+    limits: Limits,
     hit: Option<String>,
 }
 
-impl ResourceLimiter for Limits {
+impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _: usize,
+        current: usize,
         desired: usize,
         _: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max_memory {
+        let max = self.limits.memory;
+        if desired > max {
             self.hit = Some(format!(
-                "memory limit of {} MiB reached (asked for {} MiB)",
-                self.max_memory >> 20,
-                desired >> 20
+                "memory: growing a linear memory from {} KiB to {} KiB would pass the limit of {} KiB",
+                current >> 10,
+                desired >> 10,
+                max >> 10
             ));
             return Ok(false);
         }
@@ -77,16 +83,30 @@ impl ResourceLimiter for Limits {
 
     fn table_growing(
         &mut self,
-        _: usize,
+        current: usize,
         desired: usize,
         _: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        const MAX_TABLE: usize = 100_000;
-        if desired > MAX_TABLE {
-            self.hit = Some(format!("table limit of {MAX_TABLE} elements reached"));
+        let max = self.limits.table_elements;
+        if desired > max {
+            self.hit = Some(format!(
+                "table: growing a table from {current} to {desired} elements would pass the limit of {max}"
+            ));
             return Ok(false);
         }
         Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories
     }
 }
 
@@ -203,24 +223,35 @@ pub struct Guest {
     checkout_done: Option<TypedFunc<(), i32>>,
 }
 
-impl Guest {
+/// A store with the guest's host state, before the module is instantiated.
+///
+/// Building it opens the preopened directories; nothing of the guest has run
+/// yet, so the worker can still lock itself down before [`Prepared::instantiate`].
+pub struct Prepared {
+    store: Store<HostState>,
+}
+
+impl Prepared {
+    /// Builds the store for a guest of `module`, whose log records may take
+    /// `log_limit` bytes per call.
+    pub fn new(module: &LoadedModule, log_limit: usize) -> Result<Prepared, ErrorReply> {
+        let state = new_state(module, log_limit).map_err(|e| setup_error(format!("{e:#}")))?;
+        let mut store = Store::new(&module.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(1);
+        if let Some(fuel) = module.settings.limits.fuel {
+            store.set_fuel(fuel).expect("the module's engine meters fuel");
+        }
+        Ok(Prepared { store })
+    }
+
     /// Instantiates `module` and runs `_initialize` if it has one.
     ///
     /// Setup is a separate step ([`Guest::setup`]) so the caller can tell
     /// the two failures apart.
-    pub fn instantiate(
-        engine: &Engine,
-        module: &LoadedModule,
-        max_memory: usize,
-        log_limit: usize,
-    ) -> Result<Guest, ErrorReply> {
-        let state =
-            new_state(module, max_memory, log_limit).map_err(|e| setup_error(format!("{e:#}")))?;
-        let mut store = Store::new(engine, state);
-        store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(NO_DEADLINE);
-
+    pub fn instantiate(self, module: &LoadedModule) -> Result<Guest, ErrorReply> {
+        let mut store = self.store;
         let instance = module.pre.instantiate(&mut store).map_err(|e| {
             let mut err = classify(&mut store, e);
             err.message = format!("instantiating the module: {}", err.message);
@@ -239,6 +270,16 @@ impl Guest {
             init.call(&mut guest.store, ()).map_err(|e| guest.error(e))?;
         }
         Ok(guest)
+    }
+}
+
+impl Guest {
+    /// Builds and instantiates a guest of `module` in this process in one
+    /// step, without walling anything in (for embedding and benchmarks; a
+    /// worker locks itself down between [`Prepared::new`] and
+    /// [`Prepared::instantiate`]).
+    pub fn instantiate(module: &LoadedModule, log_limit: usize) -> Result<Guest, ErrorReply> {
+        Prepared::new(module, log_limit)?.instantiate(module)
     }
 
     /// Asks the guest for its method names, if it exports `wasm_task_methods`.
@@ -317,12 +358,11 @@ impl Guest {
         self.memory.data(&self.store)
     }
 
-    /// Sets the epoch deadline for what runs next; `None` means no deadline.
-    ///
-    /// The watchdog bumps the engine's epoch once when the call's time is up,
-    /// so a deadline of one tick means "until the watchdog says stop".
-    pub fn arm_deadline(&mut self, armed: bool) {
-        self.store.set_epoch_deadline(if armed { 1 } else { NO_DEADLINE });
+    /// Fuel the last guest entry consumed, when the module meters fuel.
+    pub fn fuel_used(&self) -> Option<u64> {
+        let budget = self.store.data().limits.limits.fuel?;
+        let left = self.store.get_fuel().ok()?;
+        Some(budget.saturating_sub(left))
     }
 
     /// Takes the log records and output lines made since the last call began.
@@ -354,7 +394,9 @@ impl Guest {
         logs
     }
 
-    /// Starts the bookkeeping of one guest entry.
+    /// Starts the bookkeeping of one guest entry: its own epoch deadline
+    /// (the watchdog bumps the epoch once when the entry's time is up) and
+    /// its own fuel budget.
     fn begin(&mut self) {
         let state = self.store.data_mut();
         state.call_start = Instant::now();
@@ -362,6 +404,11 @@ impl Guest {
         // A refused growth the guest handled earlier says nothing about
         // how this entry ends.
         state.limits.hit = None;
+        let fuel = state.limits.limits.fuel;
+        self.store.set_epoch_deadline(1);
+        if let Some(fuel) = fuel {
+            self.store.set_fuel(fuel).expect("the module's engine meters fuel");
+        }
     }
 
     fn hook(&mut self, name: &str) -> Result<ReplyBytes, ErrorReply> {
@@ -416,21 +463,55 @@ fn record(level: u8, target: &str, message: String, at_us: u64) -> LogRecord {
     LogRecord { level, target: target.into(), message, fields: Vec::new(), at_us }
 }
 
-/// An epoch deadline far enough away to mean "none".
-const NO_DEADLINE: u64 = u64::MAX / 2;
+/// What a deterministic guest's wall clock always reads:
+/// 2000-01-01T00:00:00Z.
+pub const FIXED_WALL_CLOCK: Duration = Duration::from_secs(946_684_800);
 
-fn new_state(
-    module: &LoadedModule,
-    max_memory: usize,
-    log_limit: usize,
-) -> anyhow::Result<HostState> {
-    let stdout = Capture::new(capture::DEFAULT_CAPACITY);
-    let stderr = Capture::new(capture::DEFAULT_CAPACITY);
+/// How far a deterministic guest's monotonic clock moves at each reading.
+pub const MONOTONIC_STEP: Duration = Duration::from_millis(1);
+
+/// A wall clock that never moves.
+struct FixedClock;
+
+impl HostWallClock for FixedClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn now(&self) -> Duration {
+        FIXED_WALL_CLOCK
+    }
+}
+
+/// A monotonic clock that moves only when read, by a fixed step: the same
+/// reads give the same times, and a guest waiting in a loop still sees time
+/// pass.
+struct SteppingClock(AtomicU64);
+
+impl HostMonotonicClock for SteppingClock {
+    fn resolution(&self) -> u64 {
+        MONOTONIC_STEP.as_nanos() as u64
+    }
+
+    fn now(&self) -> u64 {
+        let step = MONOTONIC_STEP.as_nanos() as u64;
+        self.0.fetch_add(step, Ordering::Relaxed) + step
+    }
+}
+
+fn new_state(module: &LoadedModule, log_limit: usize) -> anyhow::Result<HostState> {
+    let settings = &module.settings;
+    let stdout = Capture::new(settings.limits.output);
+    let stderr = Capture::new(settings.limits.output);
     let mut wasi = WasiCtxBuilder::new();
     // The worker is single-threaded and synchronous: let WASI block this
     // thread instead of hopping through an async runtime for every file call.
     wasi.allow_blocking_current_thread(true);
     wasi.stdout(stdout.clone()).stderr(stderr.clone());
+    wasi.envs(&settings.env).args(&settings.args);
+    if let Some(seed) = settings.seed {
+        make_deterministic(&mut wasi, seed);
+    }
     for dir in &module.dirs {
         let perms = if dir.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
         wasi.preopened_dir(&dir.host, &dir.guest, perms)
@@ -439,7 +520,7 @@ fn new_state(
     }
     Ok(HostState {
         wasi: wasi.build_p1(),
-        limits: Limits { max_memory, hit: None },
+        limits: Limiter { limits: settings.limits.clone(), hit: None },
         call_start: Instant::now(),
         logs: Vec::new(),
         logs_dropped: 0,
@@ -452,6 +533,15 @@ fn new_state(
     })
 }
 
+/// Fixed clocks and random numbers drawn from `seed`, for runs that repeat.
+fn make_deterministic(wasi: &mut WasiCtxBuilder, seed: u64) {
+    wasi.wall_clock(FixedClock)
+        .monotonic_clock(SteppingClock(AtomicU64::new(0)))
+        .secure_random(StdRng::seed_from_u64(seed))
+        .insecure_random(StdRng::seed_from_u64(seed.rotate_left(32)))
+        .insecure_random_seed(u128::from(seed));
+}
+
 fn classify(store: &mut Store<HostState>, err: wasmtime::Error) -> ErrorReply {
     let state = store.data_mut();
     let backtrace = err.downcast_ref::<WasmBacktrace>().map(|bt| bt.to_string());
@@ -462,8 +552,17 @@ fn classify(store: &mut Store<HostState>, err: wasmtime::Error) -> ErrorReply {
         (ErrorKind::GuestTrap, format!("guest exited with proc_exit({})", exit.0))
     } else if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
         (ErrorKind::Timeout, "guest interrupted at the call's deadline".to_owned())
+    } else if let Some(Trap::OutOfFuel) = err.downcast_ref::<Trap>() {
+        let budget = state.limits.limits.fuel.unwrap_or_default();
+        (ErrorKind::Limit, format!("fuel: the budget of {budget} units per call ran out"))
     } else if let Some(limit) = state.limits.hit.take() {
         (ErrorKind::Limit, limit)
+    } else if let Some(Trap::StackOverflow) = err.downcast_ref::<Trap>() {
+        let stack = state.limits.limits.stack >> 10;
+        (
+            ErrorKind::GuestTrap,
+            format!("wasm trap: call stack exhausted (the stack limit is {stack} KiB)"),
+        )
     } else if let Some(trap) = err.downcast_ref::<Trap>() {
         let message = match trap_message {
             Some(m) => format!("{m} ({trap})"),

@@ -6,11 +6,19 @@
 //! client's hello, instantiates the module it names ([`guest`]), and serves
 //! calls until the connection closes. A watchdog thread in each worker
 //! ([`watchdog`]) enforces call deadlines and notices a vanished client.
+//!
+//! Each module has its own sandbox settings ([`settings`]: limits,
+//! environment, arguments, determinism). Each worker walls itself in at the
+//! OS level ([`harden`]: descriptors, identity, rlimits) and with a
+//! system-call filter ([`seccomp`]) before guest code runs.
 
 mod capture;
 pub mod guest;
+pub mod harden;
 pub mod listener;
 pub mod modules;
+pub mod seccomp;
+pub mod settings;
 mod title;
 mod watchdog;
 pub mod worker;
@@ -18,6 +26,7 @@ pub mod worker;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 pub use listener::serve;
 
@@ -30,10 +39,19 @@ pub struct Config {
     pub modules: Vec<ModuleSpec>,
     /// Directories to preopen for guests.
     pub dirs: Vec<DirSpec>,
+    /// Limits, environment, arguments and determinism, per module or for all.
+    pub settings: settings::SettingSpecs,
     /// Largest frame accepted from a client, in bytes.
     pub max_frame: usize,
-    /// Largest linear memory (per memory) a guest may grow to, in bytes.
-    pub max_memory: usize,
+    /// Longest a worker may stay in one guest entry, whatever deadline the
+    /// client gave; past it (and a grace period) the worker ends itself.
+    pub hung_timeout: Duration,
+    /// Most worker processes alive at once; further connections wait.
+    pub max_workers: usize,
+    /// What the workers' system-call filter does with forbidden calls.
+    pub seccomp: seccomp::Mode,
+    /// The user and group workers run as, if the daemon drops privileges.
+    pub identity: Option<harden::Identity>,
 }
 
 impl Config {
@@ -44,11 +62,21 @@ impl Config {
             listen,
             modules,
             dirs: Vec::new(),
+            settings: settings::SettingSpecs::default(),
             max_frame: crate::protocol::DEFAULT_MAX_FRAME,
-            max_memory: 64 << 20,
+            hung_timeout: DEFAULT_HUNG_TIMEOUT,
+            max_workers: DEFAULT_MAX_WORKERS,
+            seccomp: seccomp::Mode::Errno,
+            identity: None,
         }
     }
 }
+
+/// Default of [`Config::hung_timeout`]: five minutes.
+pub const DEFAULT_HUNG_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Default of [`Config::max_workers`].
+pub const DEFAULT_MAX_WORKERS: usize = 256;
 
 /// A module to serve: `NAME=PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +96,12 @@ impl FromStr for ModuleSpec {
             .ok_or_else(|| format!("module `{s}` is not of the form NAME=PATH"))?;
         if name.is_empty() || path.is_empty() {
             return Err(format!("module `{s}` is not of the form NAME=PATH"));
+        }
+        // Other flags name modules before a `:` or `=`; keep names plain.
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+            return Err(format!(
+                "module name `{name}` may hold only letters, digits, `-`, `_` and `.`"
+            ));
         }
         Ok(ModuleSpec { name: name.to_owned(), path: PathBuf::from(path) })
     }
@@ -155,5 +189,7 @@ mod tests {
         assert_eq!(m.name, "hasher");
         assert!("hasher".parse::<ModuleSpec>().is_err());
         assert!("=x.wasm".parse::<ModuleSpec>().is_err());
+        let err = "a:b=x.wasm".parse::<ModuleSpec>().unwrap_err();
+        assert!(err.contains("module name `a:b`"), "{err}");
     }
 }

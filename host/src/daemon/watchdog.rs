@@ -6,14 +6,20 @@
 //! epoch check; when the client hangs up, or the guest is still stuck a grace
 //! period after its deadline (blocked in a host call, where epochs do not
 //! reach), it ends the process. Between calls it sleeps, costing nothing.
+//!
+//! Every guest entry is bounded: by the client's deadline when it gave one,
+//! and in any case by the daemon's hung-worker timeout. As a backstop for the
+//! watchdog itself, each entry also re-arms the kernel's CPU-time limit.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use wasmtime::Engine;
+
+use super::harden;
 
 /// How long a guest may stay stuck past its deadline before the worker exits.
 const GRACE: Duration = Duration::from_secs(1);
@@ -27,10 +33,24 @@ const TICK: Duration = Duration::from_millis(100);
 pub struct Watchdog {
     shared: Arc<Shared>,
     thread: Thread,
+    hung_timeout: Duration,
+}
+
+/// What bounds a guest entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// The deadline the client gave.
+    Client,
+    /// The daemon's hung-worker timeout (no client deadline, or a later one).
+    Hung,
 }
 
 struct Shared {
     origin: Instant,
+    /// The engine whose epoch interrupts the guest, once the module is known.
+    engine: OnceLock<Engine>,
+    /// Grace period after the current deadline before the process ends.
+    grace_ns: AtomicU64,
     /// Whether a call is running.
     busy: AtomicBool,
     /// Number of the current (or last) call.
@@ -52,10 +72,12 @@ impl Shared {
 
 impl Watchdog {
     /// Starts the watchdog for the connection `conn` (a duplicate of the
-    /// worker's socket) and the engine whose epoch interrupts the guest.
-    pub fn start(conn: OwnedFd, engine: Engine) -> std::io::Result<Watchdog> {
+    /// worker's socket); no guest entry may outlast `hung_timeout`.
+    pub fn start(conn: OwnedFd, hung_timeout: Duration) -> std::io::Result<Watchdog> {
         let shared = Arc::new(Shared {
             origin: Instant::now(),
+            engine: OnceLock::new(),
+            grace_ns: AtomicU64::new(GRACE_NS),
             busy: AtomicBool::new(false),
             seq: AtomicU64::new(0),
             deadline_ns: AtomicU64::new(0),
@@ -63,32 +85,44 @@ impl Watchdog {
             watch_hangup: AtomicBool::new(true),
         });
         let state = shared.clone();
-        let handle = thread::Builder::new()
-            .name("watchdog".into())
-            .spawn(move || watch(&state, &conn, &engine))?;
-        Ok(Watchdog { shared, thread: handle.thread().clone() })
+        let handle =
+            thread::Builder::new().name("watchdog".into()).spawn(move || watch(&state, &conn))?;
+        Ok(Watchdog { shared, thread: handle.thread().clone(), hung_timeout })
     }
 
-    /// Guest code starts running now and may run for `timeout` (or forever
-    /// when `None`); a client hanging up meanwhile ends the process.
-    pub fn begin(&self, timeout: Option<Duration>) {
-        self.arm(timeout, true);
+    /// Gives the watchdog the engine whose epoch interrupts the guest.
+    pub fn attach(&self, engine: &Engine) {
+        let _ = self.shared.engine.set(engine.clone());
+    }
+
+    /// Guest code starts running now and may run for `timeout`, or until
+    /// the hung-worker timeout if that comes first; a client hanging up
+    /// meanwhile ends the process. Returns which of the two bounds it.
+    pub fn begin(&self, timeout: Option<Duration>) -> Bound {
+        let (limit, bound, grace) = match timeout {
+            Some(t) if t <= self.hung_timeout => (t, Bound::Client, GRACE),
+            // Sub-second hung timeouts get as short a grace period.
+            _ => (self.hung_timeout, Bound::Hung, GRACE.min(self.hung_timeout)),
+        };
+        let backstop = limit.saturating_add(grace).as_secs().saturating_add(2);
+        harden::arm_cpu_backstop(backstop);
+        self.arm(limit, grace, true);
+        bound
     }
 
     /// The main thread starts a read that must finish within `timeout`.
     pub fn begin_read(&self, timeout: Duration) {
-        self.arm(Some(timeout), false);
+        self.arm(timeout, GRACE, false);
     }
 
-    fn arm(&self, timeout: Option<Duration>, watch_hangup: bool) {
+    fn arm(&self, timeout: Duration, grace: Duration, watch_hangup: bool) {
         let s = &self.shared;
         s.watch_hangup.store(watch_hangup, SeqCst);
+        s.grace_ns.store(grace.as_nanos() as u64, SeqCst);
         // Saturating: a timeout of centuries means "no deadline in practice",
         // never a wrapped-around one that has already passed.
-        let deadline = timeout.map_or(0, |t| {
-            let t = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
-            s.now_ns().saturating_add(t).max(1)
-        });
+        let t = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        let deadline = s.now_ns().saturating_add(t).max(1);
         s.deadline_ns.store(deadline, SeqCst);
         s.seq.fetch_add(1, SeqCst);
         s.busy.store(true, SeqCst);
@@ -103,7 +137,7 @@ impl Watchdog {
     }
 }
 
-fn watch(s: &Shared, conn: &OwnedFd, engine: &Engine) {
+fn watch(s: &Shared, conn: &OwnedFd) {
     let mut interrupted = 0;
     loop {
         if !s.busy.load(SeqCst) {
@@ -119,28 +153,35 @@ fn watch(s: &Shared, conn: &OwnedFd, engine: &Engine) {
 
         let seq = s.seq.load(SeqCst);
         let deadline = s.deadline_ns.load(SeqCst);
+        let grace_ns = s.grace_ns.load(SeqCst);
         let now = s.now_ns();
         let wait = match deadline {
             0 => TICK,
             d if d > now => TICK.min(Duration::from_nanos(d - now)),
-            d => TICK.min(Duration::from_nanos(d.saturating_add(GRACE_NS).saturating_sub(now))),
+            d => TICK.min(Duration::from_nanos(d.saturating_add(grace_ns).saturating_sub(now))),
         };
+        let same_call = || s.busy.load(SeqCst) && s.seq.load(SeqCst) == seq;
         if !s.watch_hangup.load(SeqCst) {
             thread::sleep(wait);
-        } else if client_gone(conn, wait) {
+        } else if client_gone(conn, wait) && same_call() {
+            // Only while the guest still runs: once the call is over the main
+            // thread sees the hang-up itself and ends the worker in order
+            // (a client that closes right after a refusal or a reply is no
+            // reason to cut the worker short).
             tracing::info!("client closed the connection during a call; worker exits");
             exit(0);
         }
 
-        let same_call = || s.busy.load(SeqCst) && s.seq.load(SeqCst) == seq;
         let now = s.now_ns();
         if deadline != 0 && now >= deadline && interrupted != seq && same_call() {
-            engine.increment_epoch();
+            if let Some(engine) = s.engine.get() {
+                engine.increment_epoch();
+            }
             interrupted = seq;
         }
-        if deadline != 0 && now >= deadline.saturating_add(GRACE_NS) && same_call() {
+        if deadline != 0 && now >= deadline.saturating_add(grace_ns) && same_call() {
             tracing::error!(
-                grace_ms = GRACE.as_millis() as u64,
+                grace_ms = grace_ns / 1_000_000,
                 "still busy after the deadline and grace period (a guest blocked in a host call, or a client that never finished its hello); worker exits"
             );
             exit(1);

@@ -2,16 +2,17 @@
 
 use std::io::{self, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use super::guest::{Guest, log_budget};
-use super::modules::{LoadedModule, Modules};
-use super::title;
-use super::watchdog::Watchdog;
+use super::guest::{Guest, Prepared, log_budget};
+use super::modules::{LoadedModule, MEMORY_FOOTPRINT, Modules};
+use super::seccomp::Filter;
+use super::watchdog::{Bound, Watchdog};
+use super::{harden, title};
 use crate::protocol::{
     self, CallStats, ErrorKind, ErrorReply, FrameError, HelloReply, PROTOCOL_VERSION, Payload,
     Request, Response,
@@ -38,9 +39,18 @@ impl Stream {
     }
 
     fn dup_fd(&self) -> io::Result<OwnedFd> {
+        self.fd().try_clone_to_owned()
+    }
+
+    /// The connection's descriptor number.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd().as_raw_fd()
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
         match self {
-            Stream::Unix(s) => s.as_fd().try_clone_to_owned(),
-            Stream::Tcp(s) => s.as_fd().try_clone_to_owned(),
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
         }
     }
 }
@@ -67,15 +77,26 @@ impl Write for Stream {
     }
 }
 
+/// The daemon-wide settings a worker needs.
+#[derive(Clone, Copy)]
+pub struct Options<'a> {
+    /// Largest frame accepted from the client or sent to it, in bytes.
+    pub max_frame: usize,
+    /// Longest any one guest entry may run.
+    pub hung_timeout: Duration,
+    /// The system-call filter to install before guest code runs, if any.
+    pub filter: Option<&'a Filter>,
+}
+
 /// Serves one connection in a freshly forked process, then exits it.
 ///
 /// Never returns: a worker must not fall back into the parent's code paths.
-pub fn run(stream: Stream, modules: &Modules, max_frame: usize) -> ! {
+pub fn run(stream: Stream, modules: &Modules, options: Options<'_>) -> ! {
     let span = tracing::info_span!("worker", worker.pid = std::process::id());
     // A panic must end this process here: unwinding further would run the
     // parent's code (and drop the parent's descriptors) in the child.
     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        span.in_scope(|| Connection::new(stream, max_frame).and_then(|mut c| c.serve(modules)))
+        span.in_scope(|| Connection::new(stream, options).and_then(|mut c| c.serve(modules)))
     }));
     let code = span.in_scope(|| match served {
         Ok(Ok(())) => 0,
@@ -108,10 +129,10 @@ fn client_left(e: &io::Error) -> bool {
 }
 
 /// The worker side of one connection.
-struct Connection {
+struct Connection<'a> {
     reader: BufReader<Stream>,
     writer: Stream,
-    max_frame: usize,
+    options: Options<'a>,
     body: Vec<u8>,
     out: Vec<u8>,
 }
@@ -127,11 +148,11 @@ enum ConnError {
     Watchdog(#[source] io::Error),
 }
 
-impl Connection {
-    fn new(stream: Stream, max_frame: usize) -> Result<Connection, ConnError> {
+impl<'a> Connection<'a> {
+    fn new(stream: Stream, options: Options<'a>) -> Result<Connection<'a>, ConnError> {
         let reader =
             BufReader::with_capacity(64 << 10, stream.try_clone().map_err(FrameError::Io)?);
-        Ok(Connection { reader, writer: stream, max_frame, body: Vec::new(), out: Vec::new() })
+        Ok(Connection { reader, writer: stream, options, body: Vec::new(), out: Vec::new() })
     }
 
     fn serve(&mut self, modules: &Modules) -> Result<(), ConnError> {
@@ -139,7 +160,7 @@ impl Connection {
         // setup can hang as well as a call can.
         let watchdog = Watchdog::start(
             self.writer.dup_fd().map_err(ConnError::Watchdog)?,
-            modules.engine.clone(),
+            self.options.hung_timeout,
         )
         .map_err(ConnError::Watchdog)?;
         let Some((module, mut guest)) = self.hello(modules, &watchdog)? else { return Ok(()) };
@@ -169,14 +190,14 @@ impl Connection {
                         method,
                         args,
                         timeout,
-                        self.max_frame,
+                        self.options,
                     )?
                 }
                 Request::CheckoutDone { id } => {
-                    watchdog.begin(None);
-                    guest.arm_deadline(false);
+                    let bound = watchdog.begin(None);
                     let result = guest.checkout_done();
                     watchdog.end();
+                    let result = result.map_err(|e| explain_timeout(e, bound, &self.options));
                     let fatal = result.as_ref().is_err_and(|e| e.kind.is_fatal());
                     let error = result.err();
                     let logs = guest.take_logs();
@@ -241,15 +262,11 @@ impl Connection {
         info!(module = %name, client = ?client, "client connected");
 
         let started = Instant::now();
-        watchdog.begin(None);
-        let guest = Guest::instantiate(
-            &modules.engine,
-            module,
-            modules.max_memory,
-            log_budget(self.max_frame),
-        );
+        watchdog.attach(&module.engine);
+        let bound = watchdog.begin(None);
+        let guest = instantiate(module, log_budget(self.options.max_frame), self.options.filter);
         watchdog.end();
-        match guest {
+        match guest.map_err(|e| explain_timeout(e, bound, &self.options)) {
             Ok(guest) => {
                 debug!(elapsed_us = started.elapsed().as_micros() as u64, "instantiated");
                 Ok(Some((module, guest)))
@@ -265,10 +282,11 @@ impl Connection {
         guest: &mut Guest,
         watchdog: &Watchdog,
     ) -> Result<HelloReply, ConnError> {
-        watchdog.begin(None);
+        let bound = watchdog.begin(None);
         let methods = guest.methods(module);
         let setup = methods.and_then(|m| guest.setup(module).map(|()| m));
         watchdog.end();
+        let setup = setup.map_err(|e| explain_timeout(e, bound, &self.options));
         for record in guest.take_logs() {
             // Debug formatting escapes what the guest wrote, so it cannot
             // forge lines of the daemon's log.
@@ -294,7 +312,7 @@ impl Connection {
 
     /// Reads the next frame into `self.body`; `false` on a clean close.
     fn read(&mut self) -> Result<bool, ConnError> {
-        match protocol::read_frame(&mut self.reader, &mut self.body, self.max_frame) {
+        match protocol::read_frame(&mut self.reader, &mut self.body, self.options.max_frame) {
             Ok(more) => Ok(more),
             Err(e @ (FrameError::TooLarge { .. } | FrameError::Truncated)) => {
                 Err(self.refuse(ErrorKind::Protocol, e.to_string()))
@@ -334,20 +352,21 @@ fn call(
     method: &str,
     args: &[u8],
     timeout: Option<Duration>,
-    max_frame: usize,
+    options: Options<'_>,
 ) -> Result<bool, ConnError> {
+    let max_frame = options.max_frame;
     let started = Instant::now();
     let cpu_started = thread_cpu_time();
     debug!(method, timeout_ms = timeout.map(|t| t.as_millis() as u64), "calling");
-    watchdog.begin(timeout);
-    guest.arm_deadline(timeout.is_some());
+    let bound = watchdog.begin(timeout);
     let result = guest.call(method, args);
     watchdog.end();
+    let result = result.map_err(|e| explain_timeout(e, bound, &options));
     let elapsed_us = started.elapsed().as_micros() as u64;
     let stats = CallStats {
         wall_us: elapsed_us,
         cpu_us: thread_cpu_time().saturating_sub(cpu_started).as_micros() as u64,
-        fuel: None,
+        fuel: guest.fuel_used(),
     };
     let logs = guest.take_logs();
     let fatal = match &result {
@@ -376,6 +395,61 @@ fn call(
         return Ok(true);
     }
     Ok(fatal)
+}
+
+/// Builds the guest's store, walls the process in, then instantiates.
+///
+/// The order matters: preopened directories are opened and WASI's runtime
+/// threads started while the process may still open files and start
+/// threads; the rlimits and the system-call filter are in place before the
+/// first instruction of the guest runs.
+fn instantiate(
+    module: &LoadedModule,
+    log_limit: usize,
+    filter: Option<&Filter>,
+) -> Result<Guest, ErrorReply> {
+    let prepared = Prepared::new(module, log_limit)?;
+    // WASI's sync calls run on a runtime of its own, started on first use;
+    // start it now, while its thread and event descriptors may be created.
+    wasmtime_wasi::runtime::with_ambient_tokio_runtime(|| ());
+    lock_down(module, filter).map_err(|e| ErrorReply {
+        kind: ErrorKind::SetupFailed,
+        message: format!("walling in the worker: {e}"),
+        backtrace: None,
+    })?;
+    prepared.instantiate(module)
+}
+
+/// Sets the worker's rlimits and installs its system-call filter.
+fn lock_down(module: &LoadedModule, filter: Option<&Filter>) -> io::Result<()> {
+    let limits = &module.settings.limits;
+    let reserved = MEMORY_FOOTPRINT.saturating_mul(limits.memories as u64);
+    let space = harden::set_rlimits(limits, reserved)
+        .map_err(|e| io::Error::other(format!("setting rlimits: {e}")))?;
+    if let Some(filter) = filter {
+        filter
+            .install(std::process::id())
+            .map_err(|e| io::Error::other(format!("installing seccomp: {e}")))?;
+    }
+    debug!(
+        address_space_mib = space.at_start >> 20,
+        rlimit_as_mib = space.cap >> 20,
+        rlimit_nofile = limits.files,
+        seccomp_steps = filter.map_or(0, Filter::len),
+        "worker walled in"
+    );
+    Ok(())
+}
+
+/// A timeout that came from the hung-worker timeout says so.
+fn explain_timeout(mut e: ErrorReply, bound: Bound, options: &Options<'_>) -> ErrorReply {
+    if e.kind == ErrorKind::Timeout && bound == Bound::Hung {
+        e.message = format!(
+            "guest interrupted at the daemon's hung-worker timeout of {:?}",
+            options.hung_timeout
+        );
+    }
+    e
 }
 
 /// Failures before the worker is ready all read as setup failures to the
