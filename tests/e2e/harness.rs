@@ -250,3 +250,117 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Path of the hostile WAT guest `name` (tests/guests/hostile/NAME.wat).
+pub fn hostile_wat(name: &str) -> PathBuf {
+    workspace().join(format!("tests/guests/hostile/{name}.wat"))
+}
+
+/// Path of a test guest in WAT (tests/guests/NAME.wat).
+pub fn wat_guest(name: &str) -> PathBuf {
+    workspace().join(format!("tests/guests/{name}.wat"))
+}
+
+/// Builds the Rust hostile guest (once per test process) and returns its path.
+pub fn hostile_rust() -> &'static Path {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let root = workspace();
+        let target = root.join("target/guests");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&root)
+            .args(["build", "--release", "--target", "wasm32-wasip1", "-p", "hostile-guest"])
+            .env("CARGO_TARGET_DIR", &target)
+            .status()
+            .expect("running cargo to build the hostile guest");
+        assert!(status.success(), "building the hostile guest failed");
+        target.join("wasm32-wasip1/release/hostile_guest.wasm")
+    })
+}
+
+/// A bare protocol connection to one worker, for what the client library
+/// does not show: log records, call stats, the worker's exact messages.
+pub struct RawWorker {
+    stream: UnixStream,
+    /// The worker's process id, from its hello.
+    pub pid: u32,
+    next_id: u64,
+}
+
+/// A reply read by [`RawWorker::call`], owned.
+#[derive(Debug)]
+pub struct RawReply {
+    /// The result bytes (MessagePack) or the worker's error.
+    pub result: Result<Vec<u8>, wasm_task::protocol::ErrorReply>,
+    /// The log records that came with it.
+    pub logs: Vec<wasm_task::protocol::LogRecord>,
+    /// What the call cost.
+    pub stats: wasm_task::protocol::CallStats,
+}
+
+impl RawWorker {
+    /// Connects to `daemon`, says hello for `module` and waits for the worker.
+    pub fn connect(daemon: &Daemon, module: &str) -> RawWorker {
+        RawWorker::connect_to(&daemon.socket, module)
+    }
+
+    /// Like [`RawWorker::connect`], to the daemon listening at `socket`.
+    pub fn connect_to(socket: &Path, module: &str) -> RawWorker {
+        use wasm_task::protocol::{self, PROTOCOL_VERSION, Request, Response};
+        let mut stream = UnixStream::connect(socket).unwrap();
+        stream.set_read_timeout(Some(READY_BOUND)).unwrap();
+        let hello = Request::Hello { version: PROTOCOL_VERSION, module, client: "raw" };
+        let mut frame = Vec::new();
+        protocol::encode_frame(&hello, &mut frame).unwrap();
+        std::io::Write::write_all(&mut stream, &frame).unwrap();
+        let mut body = Vec::new();
+        assert!(protocol::read_frame(&mut stream, &mut body, usize::MAX).unwrap(), "no hello");
+        match protocol::decode::<Response>(&body).unwrap() {
+            Response::Hello(hello) => RawWorker { stream, pid: hello.pid, next_id: 0 },
+            other => panic!("expected a hello, got {other:?}"),
+        }
+    }
+
+    /// Calls `method` and waits for its reply; `None` if the connection closed.
+    pub fn call(
+        &mut self,
+        method: &str,
+        args: &impl serde::Serialize,
+        timeout_ms: Option<u64>,
+    ) -> Option<RawReply> {
+        use wasm_task::protocol::{self, Request, Response};
+        self.next_id += 1;
+        let args = rmp_serde::to_vec(args).unwrap();
+        let call = Request::Call { id: self.next_id, method, args: &args, timeout_ms };
+        let mut frame = Vec::new();
+        protocol::encode_frame(&call, &mut frame).unwrap();
+        std::io::Write::write_all(&mut self.stream, &frame).ok()?;
+        let mut body = Vec::new();
+        if !protocol::read_frame(&mut self.stream, &mut body, usize::MAX).ok()? {
+            return None;
+        }
+        match protocol::decode::<Response>(&body).unwrap() {
+            Response::Reply { result, logs, stats, .. } => {
+                Some(RawReply { result: result.map(|p| p.0.to_vec()), logs, stats })
+            }
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+}
+
+/// A line of `/proc/PID/status` starting with `key:`, without the key.
+pub fn proc_status(pid: u32, key: &str) -> Option<String> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let prefix = format!("{key}:");
+    status.lines().find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().to_owned()))
+}
+
+/// The soft and hard values of the rlimit named `name` (as `/proc/PID/limits`
+/// spells it, e.g. "Max open files").
+pub fn proc_limit(pid: u32, name: &str) -> Option<(String, String)> {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with(name))?;
+    let mut values = line[name.len()..].split_whitespace();
+    Some((values.next()?.to_owned(), values.next()?.to_owned()))
+}

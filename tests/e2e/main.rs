@@ -5,6 +5,9 @@ mod harness;
 
 mod calls;
 mod daemon;
+mod hardening;
+mod hostile;
+mod limits;
 mod pool;
 mod robustness;
 mod sandbox;
