@@ -115,7 +115,7 @@ async fn one_deadline_covers_the_wait_and_the_calls() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn guest_error_keeps_the_worker() {
+async fn guest_error_keeps_the_worker_for_the_checkout_then_retires_it() {
     let daemon = FakeDaemon::running(Options::default());
     let client = daemon.client().max_workers(1).build();
     let checkout = client.checkout().await.unwrap();
@@ -136,7 +136,37 @@ async fn guest_error_keeps_the_worker() {
     let echoed: u8 = checkout.call("echo", &7u8).await.unwrap();
     assert_eq!(echoed, 7);
     drop(checkout);
+    assert_ne!(client.checkout().await.unwrap().worker_pid(), pid, "its state may be corrupt");
+    assert!(daemon.closed(pid));
+    assert_eq!(client.status().retired.error, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn workers_are_kept_after_guest_errors_when_asked() {
+    let daemon = FakeDaemon::running(Options::default());
+    let client = daemon.client().max_workers(1).retire_after_error(false).build();
+    let checkout = client.checkout().await.unwrap();
+    let pid = checkout.worker_pid();
+    checkout.call::<()>("fail", &()).await.unwrap_err();
+    checkout.call::<()>("no_such_method", &()).await.unwrap_err();
+    drop(checkout);
+
     assert_eq!(client.checkout().await.unwrap().worker_pid(), pid);
+    assert_eq!(client.status().retired.error, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn trapped_worker_is_closed_even_when_workers_are_kept_after_errors() {
+    let daemon = FakeDaemon::running(Options::default());
+    let client = daemon.client().max_workers(1).retire_after_error(false).build();
+    let checkout = client.checkout().await.unwrap();
+    let pid = checkout.worker_pid();
+    checkout.call::<()>("trap", &()).await.unwrap_err();
+    wait_until("the trapped worker is closed", || daemon.closed(pid)).await;
+    drop(checkout);
+
+    assert_ne!(client.checkout().await.unwrap().worker_pid(), pid);
+    assert_eq!(client.status().retired.error, 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -167,8 +197,10 @@ async fn fatal_error_retires_the_worker() {
         other => panic!("expected a trap, got {other:?}"),
     }
 
+    // Later calls get the same error, without reaching any worker.
     let later = checkout.call::<u8>("echo", &1u8).await.unwrap_err();
-    assert!(matches!(later, Error::WorkerClosed { pid: p, .. } if p == pid), "{later:?}");
+    assert!(matches!(&later, Error::GuestTrap { method, .. } if method == "trap"), "{later:?}");
+    assert_eq!(daemon.events_of(pid).iter().filter(|e| e.starts_with("call")).count(), 1);
     drop(checkout);
 
     let next = client.checkout().await.unwrap();

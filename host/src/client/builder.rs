@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio::runtime::Handle;
 
+use super::maintenance;
 use super::pool::Pool;
 use super::{Address, Client};
 use crate::protocol::DEFAULT_MAX_FRAME;
@@ -21,6 +22,9 @@ pub(crate) struct Config {
     pub(crate) max_checkouts: Option<u64>,
     pub(crate) max_frame: usize,
     pub(crate) connect_timeout: Duration,
+    pub(crate) retire_after_error: bool,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) max_lifetime: Option<Duration>,
 }
 
 /// Configures and builds a [`Client`]; made by [`Client::builder`].
@@ -59,6 +63,9 @@ impl ClientBuilder {
                 max_checkouts: None,
                 max_frame: DEFAULT_MAX_FRAME,
                 connect_timeout: Duration::from_secs(10),
+                retire_after_error: true,
+                idle_timeout: None,
+                max_lifetime: None,
             },
         }
     }
@@ -105,6 +112,33 @@ impl ClientBuilder {
         self
     }
 
+    /// Whether a worker that returned an error during a checkout (the guest
+    /// method returned `Err`, or the method did not exist) is closed when the
+    /// checkout ends, since the error may have left its state corrupt.
+    /// Default `true`; `false` keeps such workers.
+    ///
+    /// A worker that trapped, timed out, hit a limit or died is closed at
+    /// once whatever this says.
+    pub fn retire_after_error(mut self, retire: bool) -> Self {
+        self.config.retire_after_error = retire;
+        self
+    }
+
+    /// Time after which an idle worker is closed, as long as more than
+    /// `min_workers` remain. Default `None`: idle workers are kept.
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.idle_timeout = timeout;
+        self
+    }
+
+    /// Age after which a worker is closed and replaced: when idle, or when
+    /// released if it is checked out then, never during a checkout. Default
+    /// `None`: no limit.
+    pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
+        self.config.max_lifetime = lifetime;
+        self
+    }
+
     /// Name sent in the hello, for the daemon's logs. Default: the program's
     /// file name and process id, as in `myservice[4121]`.
     pub fn client_name(mut self, name: impl Into<String>) -> Self {
@@ -129,7 +163,8 @@ impl ClientBuilder {
     }
 
     /// Builds the client and starts connecting `min_workers` workers in the
-    /// background.
+    /// background, and a housekeeping task that replaces idle workers that
+    /// died or expired.
     ///
     /// # Panics
     ///
@@ -139,6 +174,7 @@ impl ClientBuilder {
         self.config.min_workers = self.config.min_workers.min(self.config.max_workers);
         let pool = Pool::new(Arc::new(self.config), Handle::current());
         pool.fill();
+        maintenance::start(&pool);
         Client::from_pool(pool)
     }
 }

@@ -1,53 +1,81 @@
 //! A worker checked out for exclusive use, and the calls made on it.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, MutexGuard as StdGuard, PoisonError};
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, MutexGuard};
-use tokio::time::{Instant, timeout, timeout_at};
+use tokio::time::{Instant, timeout_at};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::error::{Chain, Error, Phase};
-use super::pool::Lease;
+use super::ledger::{Ledger, Ticket};
+use super::pool::Pool;
+use super::release::release;
+use super::report::{CallReport, CallTimings};
+use super::status::Retirement;
 use super::worker::{CallSpec, Worker};
+use crate::protocol::LogRecord;
 
 /// Exclusive use of one worker, from [`Client::checkout`](super::Client::checkout).
 ///
 /// Dropping it returns the worker to the pool. If the guest has a
 /// checkout-done hook, the hook runs first (in a background task) and the
-/// worker is reused only once it succeeded. A worker that failed fatally,
-/// timed out or was interrupted mid-call is closed instead, as is one that
-/// reached the client's `max_checkouts`.
+/// worker is reused only once it succeeded. A worker is closed instead
+/// (never in the middle of a checkout unless it failed) when it returned an
+/// error during the checkout (unless the client keeps workers after errors),
+/// reached the client's `max_checkouts` or `max_lifetime`, or the checkout
+/// timed out or was aborted. A worker that trapped, hit a limit, timed out
+/// or died is closed at once.
 pub struct Checkout {
-    /// `None` once the worker was closed during this checkout.
-    slot: Mutex<Option<Worker>>,
-    /// Always `Some` until dropped.
-    lease: Option<Lease>,
+    pool: Arc<Pool>,
     pid: u32,
     started: Instant,
+    /// Time spent waiting for the worker.
+    waited: Duration,
     deadline: Option<Instant>,
-    /// Set when the deadline passed: the worker is closed, not returned.
-    expired: AtomicBool,
+    /// The worker, held by one call at a time; the lock is fair, so calls
+    /// run in the order they were made.
+    seat: Arc<Mutex<Seat>>,
+    ledger: std::sync::Mutex<Ledger>,
+    /// Cancelled by [`Checkout::abort`].
+    abort: CancellationToken,
+}
+
+/// The worker of a checkout, while it has one.
+struct Seat {
+    /// `None` once the worker was closed during the checkout.
+    worker: Option<Worker>,
+    /// Whether the worker returned an error during the checkout.
+    tainted: bool,
+}
+
+/// What a call gathers beside its result.
+struct Trace {
+    logs: Vec<LogRecord>,
+    timings: CallTimings,
 }
 
 impl Checkout {
     pub(crate) fn new(
+        pool: Arc<Pool>,
         mut worker: Worker,
-        lease: Lease,
         started: Instant,
         deadline: Option<Instant>,
     ) -> Self {
         worker.checkouts += 1;
         Checkout {
+            pool,
             pid: worker.pid(),
-            slot: Mutex::new(Some(worker)),
-            lease: Some(lease),
             started,
+            waited: started.elapsed(),
             deadline,
-            expired: AtomicBool::new(false),
+            seat: Arc::new(Mutex::new(Seat { worker: Some(worker), tainted: false })),
+            ledger: std::sync::Mutex::default(),
+            abort: CancellationToken::new(),
         }
     }
 
@@ -61,10 +89,21 @@ impl Checkout {
         self.deadline
     }
 
+    /// Time this checkout waited in the pool's queue for its worker.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+
     /// Calls `method` with `args` and decodes its result as `R`.
     ///
-    /// Arguments and result travel as MessagePack (structs as maps). Calls on
-    /// one checkout run one at a time, in the order they were made.
+    /// Arguments and result travel as MessagePack (structs as maps). Several
+    /// calls may be made on one checkout without awaiting each: they run on
+    /// its worker one at a time, in the order they were made. If one fails,
+    /// those made before its failure and still waiting fail at once with
+    /// [`Error::EarlierCallFailed`]; calls made afterwards run normally as
+    /// long as the worker is there. Once the worker is lost (it trapped,
+    /// died, hit a limit), every later call fails at once with the error
+    /// that lost it; after [`abort`](Self::abort), with [`Error::Aborted`].
     ///
     /// The worker is given the time left before the checkout's deadline. If
     /// the deadline passes, the call ends with [`Error::Timeout`] and the
@@ -76,86 +115,197 @@ impl Checkout {
         method: &str,
         args: &(impl Serialize + ?Sized),
     ) -> Result<R, Error> {
-        let args = rmp_serde::to_vec_named(args)
-            .map_err(|source| Error::Encode { method: method.to_owned(), source })?;
-        let span = tracing::debug_span!("call", worker.pid = self.pid, method);
-        self.call_before_deadline(method, &args).instrument(span).await
+        self.call_report(method, args).await.result
     }
 
-    async fn call_before_deadline<R: DeserializeOwned>(
+    /// Like [`call`](Self::call), and also returns the log records and
+    /// output lines the guest made during the call and the call's timings:
+    /// the wait for the checkout's worker, the wait behind earlier calls on
+    /// this checkout, the round trip, and what the worker measured.
+    pub async fn call_report<R: DeserializeOwned>(
+        &self,
+        method: &str,
+        args: &(impl Serialize + ?Sized),
+    ) -> CallReport<R> {
+        let span = tracing::debug_span!("call", worker.pid = self.pid, method);
+        let report = self.report(method, args).instrument(span).await;
+        self.pool.count_call(report.result.is_ok());
+        report
+    }
+
+    /// Aborts the checkout: the call in flight ends with [`Error::Aborted`],
+    /// the worker is killed, and every later call fails with the same error
+    /// without reaching any worker. Calling it again does nothing.
+    pub fn abort(&self) {
+        if !self.ledger().abort(self.pid) {
+            return;
+        }
+        tracing::warn!(worker.pid = self.pid, "checkout aborted; closing its worker");
+        self.abort.cancel();
+        match self.seat.clone().try_lock_owned() {
+            Ok(mut seat) => close(&mut seat, Retirement::Aborted),
+            // A call holds the worker: it sees the abort and closes it. Queue
+            // up behind it all the same, in case it handed the turn on first.
+            Err(_) => {
+                let seat = self.seat.clone();
+                self.pool.handle.spawn(async move {
+                    close(&mut *seat.lock_owned().await, Retirement::Aborted);
+                });
+            }
+        }
+    }
+
+    fn ledger(&self) -> StdGuard<'_, Ledger> {
+        // Nothing panics while holding it; the records stay meaningful.
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn report<R: DeserializeOwned>(
+        &self,
+        method: &str,
+        args: &(impl Serialize + ?Sized),
+    ) -> CallReport<R> {
+        let issued = Instant::now();
+        let timings = CallTimings { checkout_wait: self.waited, ..CallTimings::default() };
+        let mut trace = Trace { logs: Vec::new(), timings };
+        let result = match rmp_serde::to_vec_named(args) {
+            Ok(args) => self.before_deadline(method, &args, issued, &mut trace).await,
+            Err(source) => {
+                Err(Error::Encode { method: method.to_owned(), source: Arc::new(source) })
+            }
+        };
+        CallReport { result, logs: trace.logs, timings: trace.timings }
+    }
+
+    async fn before_deadline<R: DeserializeOwned>(
         &self,
         method: &str,
         args: &[u8],
+        issued: Instant,
+        trace: &mut Trace,
     ) -> Result<R, Error> {
+        let ticket = self.ledger().ticket()?;
         let Some(deadline) = self.deadline else {
-            return self.call_in_turn(method, args).await;
+            return self.in_turn(method, args, ticket, issued, trace).await;
         };
         if Instant::now() >= deadline {
             return Err(self.time_out(method));
         }
-        match timeout_at(deadline, self.call_in_turn(method, args)).await {
+        match timeout_at(deadline, self.in_turn(method, args, ticket, issued, trace)).await {
             Ok(outcome) => outcome,
             Err(_) => Err(self.time_out(method)),
         }
     }
 
     /// Waits for the calls made before this one, then makes it.
-    async fn call_in_turn<R: DeserializeOwned>(
+    async fn in_turn<R: DeserializeOwned>(
         &self,
         method: &str,
         args: &[u8],
+        ticket: Ticket,
+        issued: Instant,
+        trace: &mut Trace,
     ) -> Result<R, Error> {
-        let mut turn = Turn { slot: self.slot.lock().await, in_call: true };
-        let Some(worker) = turn.slot.as_mut() else {
-            turn.in_call = false;
-            return Err(Error::WorkerClosed { pid: self.pid, method: method.to_owned() });
+        let seat = tokio::select! {
+            biased;
+            () = self.abort.cancelled() => return Err(self.ledger().aborted_error(self.pid)),
+            seat = self.seat.lock() => seat,
         };
-
-        let timeout_ms = self.deadline.map(|deadline| ceil_ms(deadline - Instant::now()));
-        let spec = CallSpec { method, args, timeout_ms, started: self.started };
-        let call_started = Instant::now();
-        let outcome = worker.call::<R>(&spec).await;
-        turn.in_call = false;
-
-        let elapsed_ms = call_started.elapsed().as_millis() as u64;
-        match outcome {
-            Ok(result) => {
-                tracing::debug!(worker.pid = self.pid, method, elapsed_ms, "call done");
-                Ok(result)
+        trace.timings.turn_wait = issued.elapsed();
+        let mut turn = Turn { seat, in_call: false, deadline: self.deadline };
+        let skipped = self.ledger().skip(self.pid, method, ticket);
+        if let Some(error) = skipped {
+            if self.abort.is_cancelled() {
+                turn.close(Retirement::Aborted);
             }
-            Err(failure) => {
-                let error = Chain(&failure.error);
-                tracing::debug!(worker.pid = self.pid, method, elapsed_ms, %error, "call failed");
-                if failure.retire {
-                    tracing::info!(
-                        worker.pid = self.pid,
-                        method,
-                        "closing worker after a fatal error"
-                    );
-                    turn.slot.take();
-                }
-                Err(failure.error)
-            }
+            return Err(error);
         }
+        if turn.seat.worker.is_none() {
+            return Err(Error::WorkerClosed { pid: self.pid, method: method.to_owned() });
+        }
+
+        let timeout_ms =
+            self.deadline.map(|d| ceil_ms(d.saturating_duration_since(Instant::now())));
+        let spec = CallSpec { method, args, timeout_ms, started: self.started };
+        turn.in_call = true;
+        let sent = Instant::now();
+        let answer = {
+            let worker = turn.seat.worker.as_mut().expect("checked above");
+            tokio::select! {
+                biased;
+                () = self.abort.cancelled() => None,
+                answer = worker.call::<R>(&spec) => Some(answer),
+            }
+        };
+        turn.in_call = false;
+        trace.timings.round_trip = sent.elapsed();
+
+        let Some(answer) = answer else {
+            turn.close(Retirement::Aborted);
+            return Err(self.ledger().aborted_error(self.pid));
+        };
+        trace.logs = answer.logs;
+        trace.timings.worker = answer.stats;
+        self.settle(&mut turn, method, answer.result, answer.retire, sent)
+    }
+
+    /// Records how a call that got an answer went, closing the worker if it
+    /// cannot be used any more.
+    fn settle<R>(
+        &self,
+        turn: &mut Turn<'_>,
+        method: &str,
+        result: Result<R, Error>,
+        retire: Option<Retirement>,
+        sent: Instant,
+    ) -> Result<R, Error> {
+        let elapsed_ms = sent.elapsed().as_millis() as u64;
+        let error = match result {
+            Ok(value) => {
+                tracing::debug!(worker.pid = self.pid, method, elapsed_ms, "call done");
+                return Ok(value);
+            }
+            Err(error) => error,
+        };
+        tracing::debug!(worker.pid = self.pid, method, elapsed_ms, error = %Chain(&error), "call failed");
+        self.ledger().failed(method, &error, retire.is_some());
+        match retire {
+            Some(cause) => turn.close(cause),
+            None => turn.seat.tainted |= taints(&error),
+        }
+        Err(error)
     }
 
     /// Ends the checkout's time: the worker will be closed, not returned.
     fn time_out(&self, method: &str) -> Error {
-        self.expired.store(true, Ordering::Relaxed);
+        self.ledger().expired = true;
         // Close the connection now if no other call holds it; otherwise the
         // call that does is interrupted by the same deadline, or the drop of
         // the checkout closes it.
-        if let Ok(mut slot) = self.slot.try_lock() {
-            slot.take();
+        if let Ok(mut seat) = self.seat.try_lock() {
+            close(&mut seat, Retirement::Timeout);
         }
         let elapsed = self.started.elapsed();
         tracing::warn!(
             worker.pid = self.pid,
             method,
             elapsed_ms = elapsed.as_millis() as u64,
-            "checkout timed out; closing worker"
+            "checkout timed out"
         );
         Error::Timeout { phase: Phase::Calling { method: method.to_owned() }, elapsed }
+    }
+}
+
+/// Whether an error means the worker's state may be corrupt, so that it is
+/// retired when released (unless the client keeps workers after errors).
+fn taints(error: &Error) -> bool {
+    matches!(error, Error::GuestError { .. } | Error::UnknownMethod { .. })
+}
+
+/// Closes the seat's worker, if it still has one, counting it for `cause`.
+fn close(seat: &mut Seat, cause: Retirement) {
+    if let Some(worker) = seat.worker.take() {
+        worker.retire(cause);
     }
 }
 
@@ -169,65 +319,50 @@ fn ceil_ms(left: Duration) -> u64 {
 /// cancelled or timed out mid-way), it closes the worker: a request may be
 /// half written or a reply half read.
 struct Turn<'a> {
-    slot: MutexGuard<'a, Option<Worker>>,
+    seat: MutexGuard<'a, Seat>,
     in_call: bool,
+    deadline: Option<Instant>,
+}
+
+impl Turn<'_> {
+    fn close(&mut self, cause: Retirement) {
+        close(&mut self.seat, cause);
+    }
 }
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        if self.in_call
-            && let Some(worker) = self.slot.take()
-        {
+        if !self.in_call {
+            return;
+        }
+        let timed_out = self.deadline.is_some_and(|deadline| Instant::now() >= deadline);
+        let cause = if timed_out { Retirement::Timeout } else { Retirement::Aborted };
+        if let Some(worker) = &self.seat.worker {
             tracing::warn!(worker.pid = worker.pid(), "call interrupted; closing worker");
         }
+        self.close(cause);
     }
 }
 
 impl Drop for Checkout {
     fn drop(&mut self) {
-        let Some(lease) = self.lease.take() else { return };
-        let worker = self.slot.get_mut().take();
-        if *self.expired.get_mut() {
-            return;
-        }
-        if let Some(worker) = worker {
-            release(lease, worker);
-        }
-    }
-}
-
-/// Returns a worker that is still healthy at the end of its checkout.
-fn release(lease: Lease, mut worker: Worker) {
-    let config = &lease.pool().config;
-    if config.max_checkouts.is_some_and(|max| worker.checkouts >= max) {
-        tracing::info!(
-            worker.pid = worker.pid(),
-            checkouts = worker.checkouts,
-            "worker reached max checkouts; closing it"
-        );
-        return;
-    }
-    if !worker.has_hook() {
-        return lease.check_in(worker);
-    }
-
-    let limit = config.timeout;
-    let handle = lease.pool().handle.clone();
-    handle.spawn(async move {
-        let outcome = match limit {
-            Some(limit) => timeout(limit, worker.checkout_done()).await.ok(),
-            None => Some(worker.checkout_done().await),
+        // Only an abort's closing task can hold the seat now; it closes the worker.
+        let Ok(mut seat) = self.seat.try_lock() else { return };
+        let Some(worker) = seat.worker.take() else { return };
+        let tainted = seat.tainted;
+        drop(seat);
+        let (aborted, expired) = {
+            let ledger = self.ledger();
+            (ledger.is_aborted(), ledger.expired)
         };
-        match outcome {
-            Some(Ok(())) => lease.check_in(worker),
-            Some(Err(err)) => {
-                tracing::warn!(worker.pid = worker.pid(), error = %Chain(&err), "checkout-done hook failed; closing worker");
-            }
-            None => {
-                tracing::warn!(worker.pid = worker.pid(), "checkout-done hook timed out; closing worker");
-            }
+        if aborted {
+            worker.retire(Retirement::Aborted);
+        } else if expired {
+            worker.retire(Retirement::Timeout);
+        } else {
+            release(&self.pool, worker, tainted);
         }
-    });
+    }
 }
 
 impl fmt::Debug for Checkout {

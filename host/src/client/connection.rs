@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 
@@ -173,6 +173,21 @@ impl Connection {
     /// Receives the body of the next frame.
     pub(crate) async fn recv(&mut self) -> Result<BytesMut, WireError> {
         self.framed.next().await.unwrap_or(Err(WireError::Closed))
+    }
+
+    /// Half-closes the connection and waits until the peer closes its end,
+    /// discarding whatever it still sends.
+    ///
+    /// A worker process exits when its client hangs up, and its end closes
+    /// as it exits: so this returns once the worker has gone. Callers bound
+    /// the wait.
+    pub(crate) async fn finish(self) {
+        let mut stream = self.framed.into_inner();
+        if stream.shutdown().await.is_err() {
+            return;
+        }
+        let mut sink = [0u8; 4096];
+        while let Ok(1..) = stream.read(&mut sink).await {}
     }
 
     /// Tells, without blocking, whether the connection can still be used: the

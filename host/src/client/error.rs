@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocol::ErrorKind;
@@ -11,13 +12,18 @@ use super::Address;
 /// Everything that can go wrong checking out a worker or calling a method.
 ///
 /// Each variant is one thing a caller may act on: retry later (`Connect`,
-/// `Timeout`, `WorkerDied`, `WorkerClosed`), fix the call (`UnknownMethod`,
-/// `Encode`, `Decode`, `ArgsTooLarge`), report the guest's answer
-/// (`GuestError`, `GuestTrap`, `Limit`) or fix the deployment (`UnknownModule`,
-/// `SetupFailed`, `Protocol`). Errors that mean the worker can no longer be
-/// trusted (all but `GuestError`, `UnknownMethod`, `Encode`, `Decode` and
-/// `ArgsTooLarge`) also close that worker; the pool replaces it.
-#[derive(Debug, thiserror::Error)]
+/// `Timeout`, `WorkerDied`, `WorkerClosed`, `Aborted`, `EarlierCallFailed`),
+/// fix the call (`UnknownMethod`, `Encode`, `Decode`, `ArgsTooLarge`), report
+/// the guest's answer (`GuestError`, `GuestTrap`, `Limit`) or fix the
+/// deployment (`UnknownModule`, `SetupFailed`, `Protocol`). Errors that mean
+/// the worker can no longer be trusted (all but `GuestError`, `UnknownMethod`,
+/// `Encode`, `Decode`, `ArgsTooLarge` and `EarlierCallFailed`) close that
+/// worker at once; the pool replaces it.
+///
+/// Errors are cheap to clone (their sources are shared), because one failure
+/// may be the answer to several calls: a checkout that lost its worker gives
+/// every later call the error that lost it.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The daemon could not be reached: nothing listens at the address, or the
@@ -28,7 +34,7 @@ pub enum Error {
         address: Address,
         /// The last connection failure.
         #[source]
-        source: io::Error,
+        source: Arc<io::Error>,
     },
 
     /// The checkout's deadline passed. Its timeout covers the wait for a
@@ -113,17 +119,45 @@ pub enum Error {
         method: String,
         /// The socket error, if it was not a plain close.
         #[source]
-        source: Option<io::Error>,
+        source: Option<Arc<io::Error>>,
     },
 
-    /// An earlier failure in this checkout already closed the worker, so no
-    /// more calls can be made on it. Check out another worker.
-    #[error("calling method {method}: worker {pid} was closed after an earlier failure")]
+    /// A call on this checkout was cancelled (its future dropped) in the
+    /// middle, which closed the worker, so no more calls can be made on it.
+    /// Check out another worker.
+    #[error("calling method {method}: worker {pid} was closed when an earlier call was cancelled")]
     WorkerClosed {
         /// Process id of the closed worker.
         pid: u32,
         /// The method that was not called.
         method: String,
+    },
+
+    /// The checkout was aborted with [`Checkout::abort`](super::Checkout::abort):
+    /// its worker was killed. Every call on it, the one in flight included,
+    /// fails with this error.
+    #[error("checkout of worker {pid} was aborted")]
+    Aborted {
+        /// Process id of the killed worker.
+        pid: u32,
+    },
+
+    /// A call made on this checkout before this one failed while this one
+    /// waited for its turn, so this one was never sent. Calls made after the
+    /// failure run normally (if the worker is still there).
+    #[error(
+        "skipped method {method} on worker {pid}: the earlier call of method {earlier_method} failed"
+    )]
+    EarlierCallFailed {
+        /// Process id of the worker.
+        pid: u32,
+        /// The method that was not called.
+        method: String,
+        /// The method whose call failed.
+        earlier_method: String,
+        /// Why the earlier call failed.
+        #[source]
+        earlier: Box<Error>,
     },
 
     /// The worker broke the protocol, or refused the connection for a reason
@@ -157,7 +191,7 @@ pub enum Error {
         method: String,
         /// The encoder's error.
         #[source]
-        source: rmp_serde::encode::Error,
+        source: Arc<rmp_serde::encode::Error>,
     },
 
     /// The method's result could not be decoded into the type asked for.
@@ -167,7 +201,7 @@ pub enum Error {
         method: String,
         /// The decoder's error.
         #[source]
-        source: rmp_serde::decode::Error,
+        source: Arc<rmp_serde::decode::Error>,
     },
 }
 
@@ -194,7 +228,7 @@ impl fmt::Display for Phase {
 }
 
 /// The ways a worker can break the protocol.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProtocolError {
     /// A frame announced a length above the limit.
@@ -205,10 +239,10 @@ pub enum ProtocolError {
     },
     /// A frame's body is not a valid message.
     #[error("malformed message")]
-    Malformed(#[source] rmp_serde::decode::Error),
+    Malformed(#[source] Arc<rmp_serde::decode::Error>),
     /// A request could not be encoded.
     #[error("encoding a request")]
-    Encode(#[source] rmp_serde::encode::Error),
+    Encode(#[source] Arc<rmp_serde::encode::Error>),
     /// A valid message arrived where another was expected.
     #[error("expected {expected}, got {got}")]
     Unexpected {
@@ -274,17 +308,6 @@ impl fmt::Display for Chain<'_> {
     }
 }
 
-/// Makes a copy of an i/o error that keeps its kind and its text.
-///
-/// `io::Error` is not `Clone`; the pool keeps the last connection failure and
-/// hands a copy to each checkout that times out without a worker.
-pub(crate) fn copy_io_error(err: &io::Error) -> io::Error {
-    match err.raw_os_error() {
-        Some(code) => io::Error::from_raw_os_error(code),
-        None => io::Error::new(err.kind(), err.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,13 +322,25 @@ mod tests {
 
         let err = Error::Connect {
             address: "unix:/nowhere.sock".parse().unwrap(),
-            source: io::Error::from_raw_os_error(libc::ENOENT),
+            source: Arc::new(io::Error::from_raw_os_error(libc::ENOENT)),
         };
         let text = Chain(&err).to_string();
         assert!(text.starts_with("connecting to unix:/nowhere.sock: "), "{text}");
+    }
+
+    #[test]
+    fn skipped_call_names_the_earlier_failure_once() {
+        let earlier = Error::GuestError { pid: 7, method: "parse".into(), message: "bad".into() };
+        let err = Error::EarlierCallFailed {
+            pid: 7,
+            method: "store".into(),
+            earlier_method: "parse".into(),
+            earlier: Box::new(earlier),
+        };
         assert_eq!(
-            copy_io_error(&io::Error::from_raw_os_error(libc::ENOENT)).raw_os_error(),
-            Some(2)
+            Chain(&err).to_string(),
+            "skipped method store on worker 7: the earlier call of method parse failed: \
+             method parse on worker 7 returned an error: bad"
         );
     }
 }

@@ -1,5 +1,7 @@
 //! Re-emits the log records a guest made as `tracing` events in the client.
 
+use std::fmt;
+
 use tracing::Level;
 
 use crate::protocol::LogRecord;
@@ -17,7 +19,9 @@ pub(crate) struct Origin<'a> {
 /// Emits each record as an event at the record's level.
 ///
 /// The event's target is this module; the guest's own target travels as the
-/// `target` field, next to `worker.pid`, `module`, `method` and `at_us`.
+/// `target` field, next to `worker.pid`, `module`, `method`, `at_us` (the
+/// record's time from the start of the call, in microseconds) and, when the
+/// guest attached key-value fields, `fields` (as `key=value` pairs).
 pub(crate) fn emit(origin: &Origin<'_>, records: &[LogRecord]) {
     for record in records {
         emit_one(origin, record);
@@ -46,6 +50,8 @@ macro_rules! guest_event {
             method = $origin.method,
             target = $record.target.as_str(),
             at_us = $record.at_us,
+            fields = (!$record.fields.is_empty())
+                .then(|| tracing::field::display(Fields(&$record.fields))),
             "{}",
             $record.message
         )
@@ -59,5 +65,39 @@ fn emit_one(origin: &Origin<'_>, record: &LogRecord) {
         Level::INFO => guest_event!(Level::INFO, origin, record),
         Level::DEBUG => guest_event!(Level::DEBUG, origin, record),
         _ => guest_event!(Level::TRACE, origin, record),
+    }
+}
+
+/// A record's key-value fields, shown as `key=value` pairs separated by
+/// spaces; a value that is empty or holds a space, a quote or an `=` is
+/// quoted, so that the pairs can be told apart.
+pub(crate) struct Fields<'a>(pub(crate) &'a [(String, String)]);
+
+impl fmt::Display for Fields<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (key, value)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            let plain = !value.is_empty()
+                && !value.chars().any(|c| c.is_whitespace() || c == '"' || c == '=');
+            if plain { write!(f, "{key}={value}")? } else { write!(f, "{key}={value:?}")? }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_read_as_key_value_pairs_quoting_where_needed() {
+        let fields = [
+            ("user".to_owned(), "ada".to_owned()),
+            ("note".to_owned(), "two words".to_owned()),
+            ("empty".to_owned(), String::new()),
+        ];
+        assert_eq!(Fields(&fields).to_string(), r#"user=ada note="two words" empty="""#);
     }
 }

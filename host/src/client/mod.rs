@@ -8,9 +8,13 @@
 //!   [`Checkout::call`] calls a guest method on it.
 //! - [`Error`] tells apart what a caller can act on.
 //!
-//! Inside: `pool` keeps the counts and the queue, `connector` makes new
-//! connections in the background, `worker` speaks the protocol over a
-//! `connection`, and `logs` relays the guest's log records to `tracing`.
+//! Inside: `pool` keeps every worker by stage and the queue of checkouts,
+//! `member` is one place in it (held until the worker process has gone),
+//! `connector` makes new connections in the background under the pauses of
+//! `backoff`, `maintenance` looks over idle workers, `worker` speaks the
+//! protocol over a `connection`, `ledger` orders the outcomes of the calls
+//! queued on a checkout, `release` decides what becomes of a worker after
+//! its checkout, and `logs` relays the guest's log records to `tracing`.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), wasm_task::Error> {
@@ -28,13 +32,20 @@
 //! ```
 
 mod address;
+mod backoff;
 mod builder;
 mod checkout;
 mod connection;
 mod connector;
 mod error;
+mod ledger;
 mod logs;
+mod maintenance;
+mod member;
 mod pool;
+mod release;
+mod report;
+mod status;
 mod worker;
 
 use std::fmt;
@@ -46,7 +57,8 @@ pub use address::{Address, ParseAddressError};
 pub use builder::ClientBuilder;
 pub use checkout::Checkout;
 pub use error::{Error, Phase, ProtocolError};
-pub use pool::Status;
+pub use report::{CallReport, CallTimings};
+pub use status::{Retired, Status};
 
 use builder::Config;
 use pool::Pool;
@@ -94,19 +106,24 @@ impl Client {
     /// reached, connecting is retried until the checkout's deadline; the
     /// error is then [`Error::Connect`] with the last failure. A daemon that
     /// refuses the module fails the oldest waiting checkout with
-    /// [`Error::UnknownModule`] or [`Error::SetupFailed`].
+    /// [`Error::UnknownModule`] or [`Error::SetupFailed`] (carrying the
+    /// guest's message); later attempts are each a freshly forked worker,
+    /// made one at a time after pauses that double up to 2 s while the
+    /// refusals go on. A checkout whose deadline passes meanwhile gets the
+    /// last refusal rather than a bare timeout.
     ///
     /// Cancel safe: a checkout future dropped while it waits gives up its
     /// place, and a worker handed to it meanwhile goes to the next in line.
     pub async fn checkout(&self) -> Result<Checkout, Error> {
         let started = Instant::now();
         let deadline = self.pool().config.timeout.and_then(|timeout| started.checked_add(timeout));
-        let (worker, lease) = self.pool().acquire(started, deadline).await?;
-        Ok(Checkout::new(worker, lease, started, deadline))
+        let worker = self.pool().acquire(started, deadline).await?;
+        Ok(Checkout::new(self.pool().clone(), worker, started, deadline))
     }
 
-    /// How many workers are idle, busy and connecting, and how many
-    /// checkouts wait.
+    /// The pool at this moment: workers connecting, idle, busy and closing,
+    /// checkouts waiting, and counts of checkouts, calls, failed calls and
+    /// retirements by cause so far.
     pub fn status(&self) -> Status {
         self.pool().status()
     }

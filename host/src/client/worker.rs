@@ -11,16 +11,32 @@ use super::Config;
 use super::connection::{Connection, WireError};
 use super::error::{Error, Phase, ProtocolError};
 use super::logs::{self, Origin};
-use crate::protocol::{ErrorKind, ErrorReply, HelloReply, PROTOCOL_VERSION, Request, Response};
+use super::member::{Link, Member};
+use super::status::Retirement;
+use crate::protocol::{
+    CallStats, ErrorKind, ErrorReply, HelloReply, LogRecord, PROTOCOL_VERSION, Request, Response,
+};
 
 /// A connected worker process that has said hello.
+///
+/// Dropping it closes the connection, which makes the worker process exit;
+/// the pool keeps counting it until it has (see [`Member`]).
 pub(crate) struct Worker {
-    conn: Connection,
+    /// `Some` until dropped.
+    link: Option<Link>,
     hello: HelloReply,
     config: Arc<Config>,
     next_id: u64,
     /// How many checkouts this worker has been handed to.
     pub(crate) checkouts: u64,
+    /// When the worker said hello.
+    born: Instant,
+    /// When the worker last became idle.
+    pub(crate) idle_since: Instant,
+    /// Why the worker is being closed; `None` when the client shuts down.
+    cause: Option<Retirement>,
+    /// Whether the pool already counts this worker as closing.
+    pub(crate) marked: bool,
 }
 
 /// Why a connection attempt did not give a worker.
@@ -33,22 +49,6 @@ pub(crate) enum ConnectFailure {
     Refused(Error),
 }
 
-/// A failed call, and whether the worker must be closed because of it.
-pub(crate) struct Failure {
-    pub(crate) error: Error,
-    pub(crate) retire: bool,
-}
-
-impl Failure {
-    fn keep(error: Error) -> Self {
-        Failure { error, retire: false }
-    }
-
-    fn retire(error: Error) -> Self {
-        Failure { error, retire: true }
-    }
-}
-
 /// What one call sends.
 pub(crate) struct CallSpec<'a> {
     pub(crate) method: &'a str,
@@ -58,6 +58,25 @@ pub(crate) struct CallSpec<'a> {
     pub(crate) timeout_ms: Option<u64>,
     /// Start of the checkout, for the elapsed time of a timeout error.
     pub(crate) started: Instant,
+}
+
+/// The outcome of one call, with what came back beside the result.
+pub(crate) struct Answer<R> {
+    pub(crate) result: Result<R, Error>,
+    /// Set when the worker cannot be used any more, with the cause to count.
+    pub(crate) retire: Option<Retirement>,
+    /// The guest's log records and output lines, when a reply came.
+    pub(crate) logs: Vec<LogRecord>,
+    /// What the call cost the worker, when a reply came.
+    pub(crate) stats: Option<CallStats>,
+}
+
+impl<R> Answer<R> {
+    /// A failure without a reply; `retire` if the connection is now unusable.
+    fn failed(error: Error, retire: bool) -> Self {
+        let retire = retire.then(|| Retirement::after(&error));
+        Answer { result: Err(error), retire, logs: Vec::new(), stats: None }
+    }
 }
 
 /// Why a checkout-done hook did not succeed.
@@ -74,44 +93,68 @@ pub(crate) enum HookError {
     Protocol(#[from] ProtocolError),
 }
 
-impl Worker {
-    /// Connects and exchanges hellos.
-    pub(crate) async fn connect(config: Arc<Config>) -> Result<Worker, ConnectFailure> {
-        let address = &config.address;
-        let mut conn = Connection::open(address, config.max_frame)
-            .await
-            .map_err(ConnectFailure::Unavailable)?;
+/// Exchanges hellos on a fresh connection.
+pub(crate) async fn hello(
+    conn: &mut Connection,
+    config: &Config,
+) -> Result<HelloReply, ConnectFailure> {
+    let hello = Request::Hello {
+        version: PROTOCOL_VERSION,
+        module: &config.module,
+        client: &config.client_name,
+    };
+    conn.send(&hello).await.map_err(|err| hello_failure(config, err))?;
+    let frame = conn.recv().await.map_err(|err| hello_failure(config, err))?;
 
-        let hello = Request::Hello {
-            version: PROTOCOL_VERSION,
-            module: &config.module,
-            client: &config.client_name,
-        };
-        conn.send(&hello).await.map_err(|err| hello_failure(&config, err))?;
-        let frame = conn.recv().await.map_err(|err| hello_failure(&config, err))?;
-
-        let refused = |source| ConnectFailure::Refused(protocol_error(&config, None, source));
-        let hello = match rmp_serde::from_slice::<Response>(&frame) {
-            Err(err) => return Err(refused(ProtocolError::Malformed(err))),
-            Ok(Response::Hello(hello)) => hello,
-            Ok(Response::Refused(reply)) => {
-                return Err(ConnectFailure::Refused(refusal(&config, reply)));
-            }
-            Ok(other) => {
-                let got = message_name(&other);
-                return Err(refused(ProtocolError::Unexpected { expected: "a hello reply", got }));
-            }
-        };
-        if hello.version != PROTOCOL_VERSION {
-            let source = ProtocolError::Version { theirs: hello.version, ours: PROTOCOL_VERSION };
-            return Err(ConnectFailure::Refused(protocol_error(&config, Some(hello.pid), source)));
+    let refused = |source| ConnectFailure::Refused(protocol_error(config, None, source));
+    let hello = match rmp_serde::from_slice::<Response>(&frame) {
+        Err(err) => return Err(refused(ProtocolError::Malformed(Arc::new(err)))),
+        Ok(Response::Hello(hello)) => hello,
+        Ok(Response::Refused(reply)) => {
+            return Err(ConnectFailure::Refused(refusal(config, reply)));
         }
-        Ok(Worker { conn, hello, config, next_id: 1, checkouts: 0 })
+        Ok(other) => {
+            let got = message_name(&other);
+            return Err(refused(ProtocolError::Unexpected { expected: "a hello reply", got }));
+        }
+    };
+    if hello.version != PROTOCOL_VERSION {
+        let source = ProtocolError::Version { theirs: hello.version, ours: PROTOCOL_VERSION };
+        return Err(ConnectFailure::Refused(protocol_error(config, Some(hello.pid), source)));
+    }
+    Ok(hello)
+}
+
+impl Worker {
+    /// A worker on `conn`, which said `hello`, holding the place `member`.
+    pub(crate) fn new(
+        conn: Connection,
+        hello: HelloReply,
+        member: Member,
+        config: Arc<Config>,
+    ) -> Worker {
+        let now = Instant::now();
+        Worker {
+            link: Some(Link { conn, member }),
+            hello,
+            config,
+            next_id: 1,
+            checkouts: 0,
+            born: now,
+            idle_since: now,
+            cause: None,
+            marked: false,
+        }
     }
 
     /// Process id of the worker.
     pub(crate) fn pid(&self) -> u32 {
         self.hello.pid
+    }
+
+    /// The key of this worker in the pool's records.
+    pub(crate) fn id(&self) -> u64 {
+        self.link().member.id()
     }
 
     /// Whether the guest has a checkout-done hook to run between checkouts.
@@ -121,7 +164,35 @@ impl Worker {
 
     /// Whether the connection is still open and quiet, checked without blocking.
     pub(crate) fn is_usable(&self) -> bool {
-        self.conn.is_usable()
+        self.link().conn.is_usable()
+    }
+
+    /// Whether the worker has lived longer than the client's `max_lifetime`.
+    pub(crate) fn too_old(&self, now: Instant) -> bool {
+        self.config.max_lifetime.is_some_and(|max| now.saturating_duration_since(self.born) >= max)
+    }
+
+    /// Sets why the worker will be closed when dropped.
+    pub(crate) fn set_cause(&mut self, cause: Retirement) {
+        self.cause = Some(cause);
+    }
+
+    /// Why the worker is being closed.
+    pub(crate) fn cause(&self) -> Option<Retirement> {
+        self.cause
+    }
+
+    /// Closes the worker, counting it as retired for `cause`.
+    pub(crate) fn retire(mut self, cause: Retirement) {
+        self.set_cause(cause);
+    }
+
+    fn link(&self) -> &Link {
+        self.link.as_ref().expect("a worker keeps its link until dropped")
+    }
+
+    fn conn(&mut self) -> &mut Connection {
+        &mut self.link.as_mut().expect("a worker keeps its link until dropped").conn
     }
 
     fn next_id(&mut self) -> u64 {
@@ -134,41 +205,52 @@ impl Worker {
     ///
     /// Not cancel safe: dropping the future mid-way leaves the connection in an
     /// unknown state, and the caller must then close the worker.
-    pub(crate) async fn call<R: DeserializeOwned>(
-        &mut self,
-        spec: &CallSpec<'_>,
-    ) -> Result<R, Failure> {
+    pub(crate) async fn call<R: DeserializeOwned>(&mut self, spec: &CallSpec<'_>) -> Answer<R> {
         let method = spec.method;
         let id = self.next_id();
         let request = Request::Call { id, method, args: spec.args, timeout_ms: spec.timeout_ms };
-        self.conn.send(&request).await.map_err(|err| self.send_failure(method, err))?;
+        if let Err(err) = self.conn().send(&request).await {
+            return self.send_failure(method, err);
+        }
+        let frame = match self.conn().recv().await {
+            Ok(frame) => frame,
+            Err(err) => return Answer::failed(self.recv_failure(method, err), true),
+        };
 
-        let frame = self.conn.recv().await.map_err(|err| self.recv_failure(method, err))?;
-        let (got, result, records) = match rmp_serde::from_slice::<Response>(&frame) {
-            Ok(Response::Reply { id, result, logs, .. }) => (id, result, logs),
+        let (got, result, logs, stats) = match rmp_serde::from_slice::<Response>(&frame) {
+            Ok(Response::Reply { id, result, logs, stats }) => (id, result, logs, stats),
             Ok(other) => {
                 let got = message_name(&other);
                 let source = ProtocolError::Unexpected { expected: "a call reply", got };
-                return Err(Failure::retire(self.protocol(source)));
+                return Answer::failed(self.protocol(source), true);
             }
-            Err(err) => return Err(Failure::retire(self.protocol(ProtocolError::Malformed(err)))),
+            Err(err) => {
+                let source = ProtocolError::Malformed(Arc::new(err));
+                return Answer::failed(self.protocol(source), true);
+            }
         };
         if got != id {
-            return Err(Failure::retire(
-                self.protocol(ProtocolError::WrongId { expected: id, got }),
-            ));
+            let source = ProtocolError::WrongId { expected: id, got };
+            return Answer::failed(self.protocol(source), true);
         }
-        logs::emit(&self.origin(method), &records);
+        logs::emit(&self.origin(method), &logs);
 
-        match result {
-            Ok(payload) => rmp_serde::from_slice(payload.0).map_err(|source| {
-                Failure::keep(Error::Decode { method: method.to_owned(), source })
-            }),
+        let (result, retire) = match result {
+            Ok(payload) => (
+                rmp_serde::from_slice(payload.0).map_err(|source| Error::Decode {
+                    method: method.to_owned(),
+                    source: Arc::new(source),
+                }),
+                None,
+            ),
             Err(reply) => {
-                let retire = reply.kind.is_fatal();
-                Err(Failure { error: self.reply_error(reply, spec), retire })
+                let fatal = reply.kind.is_fatal();
+                let error = self.reply_error(reply, spec);
+                let retire = fatal.then(|| Retirement::after(&error));
+                (Err(error), retire)
             }
-        }
+        };
+        Answer { result, retire, logs, stats: Some(stats) }
     }
 
     /// Runs the guest's checkout-done hook.
@@ -176,10 +258,10 @@ impl Worker {
     /// Not cancel safe, like [`Worker::call`].
     pub(crate) async fn checkout_done(&mut self) -> Result<(), HookError> {
         let id = self.next_id();
-        self.conn.send(&Request::CheckoutDone { id }).await?;
-        let frame = self.conn.recv().await?;
-        let response =
-            rmp_serde::from_slice::<Response>(&frame).map_err(ProtocolError::Malformed)?;
+        self.conn().send(&Request::CheckoutDone { id }).await?;
+        let frame = self.conn().recv().await?;
+        let response = rmp_serde::from_slice::<Response>(&frame)
+            .map_err(|err| ProtocolError::Malformed(Arc::new(err)))?;
         let Response::CheckoutDone { id: got, error, logs } = response else {
             let got = message_name(&response);
             return Err(ProtocolError::Unexpected { expected: "a checkout-done reply", got }.into());
@@ -204,31 +286,32 @@ impl Worker {
 
     /// Maps a failed send. Nothing reached the worker when the request was
     /// too large or could not be encoded, so the worker stays usable then.
-    fn send_failure(&self, method: &str, err: WireError) -> Failure {
+    fn send_failure<R>(&self, method: &str, err: WireError) -> Answer<R> {
         match err {
             WireError::TooLong { len, max } => {
-                Failure::keep(Error::ArgsTooLarge { method: method.to_owned(), len, max })
+                Answer::failed(Error::ArgsTooLarge { method: method.to_owned(), len, max }, false)
             }
-            WireError::Encode(err) => Failure::keep(self.protocol(ProtocolError::Encode(err))),
-            other => self.recv_failure(method, other),
+            WireError::Encode(err) => {
+                Answer::failed(self.protocol(ProtocolError::Encode(Arc::new(err))), false)
+            }
+            other => Answer::failed(self.recv_failure(method, other), true),
         }
     }
 
     /// Maps a failed receive; the worker is closed in every case.
-    fn recv_failure(&self, method: &str, err: WireError) -> Failure {
+    fn recv_failure(&self, method: &str, err: WireError) -> Error {
         let pid = self.pid();
         let method = method.to_owned();
-        let error = match err {
+        match err {
             WireError::TooLarge { max } => self.protocol(ProtocolError::FrameTooLarge { max }),
-            WireError::Encode(err) => self.protocol(ProtocolError::Encode(err)),
+            WireError::Encode(err) => self.protocol(ProtocolError::Encode(Arc::new(err))),
             WireError::Closed => Error::WorkerDied { pid, method, source: None },
-            WireError::Io(err) => Error::WorkerDied { pid, method, source: Some(err) },
+            WireError::Io(err) => Error::WorkerDied { pid, method, source: Some(Arc::new(err)) },
             err @ (WireError::Truncated | WireError::TooLong { .. }) => {
                 let source = io::Error::new(io::ErrorKind::UnexpectedEof, err.to_string());
-                Error::WorkerDied { pid, method, source: Some(source) }
+                Error::WorkerDied { pid, method, source: Some(Arc::new(source)) }
             }
-        };
-        Failure::retire(error)
+        }
     }
 
     /// Maps an error reply from the worker onto the caller's error type.
@@ -256,6 +339,19 @@ impl Worker {
     }
 }
 
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let Some(link) = self.link.take() else { return };
+        let pool = link.member.pool().clone();
+        if !self.marked {
+            pool.mark_closing(link.member.id(), self.pid(), self.cause);
+        }
+        // Spawning onto a runtime that has shut down drops the task, which
+        // closes the connection and gives up the place all the same.
+        pool.handle.spawn(link.close());
+    }
+}
+
 /// Maps a failure to send the hello or to read its reply.
 fn hello_failure(config: &Config, err: WireError) -> ConnectFailure {
     let unavailable = |message: &str| {
@@ -268,9 +364,11 @@ fn hello_failure(config: &Config, err: WireError) -> ConnectFailure {
         WireError::TooLarge { max } | WireError::TooLong { max, .. } => ConnectFailure::Refused(
             protocol_error(config, None, ProtocolError::FrameTooLarge { max }),
         ),
-        WireError::Encode(err) => {
-            ConnectFailure::Refused(protocol_error(config, None, ProtocolError::Encode(err)))
-        }
+        WireError::Encode(err) => ConnectFailure::Refused(protocol_error(
+            config,
+            None,
+            ProtocolError::Encode(Arc::new(err)),
+        )),
     }
 }
 

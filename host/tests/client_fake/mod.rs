@@ -39,6 +39,9 @@ pub struct Options {
     pub hook_fails: bool,
     /// This many hellos are refused with `unknown_module` before any is accepted.
     pub refuse_first: usize,
+    /// How long a worker keeps its end open after its client hung up, like
+    /// a process slow to exit.
+    pub linger: Option<Duration>,
 }
 
 /// What the daemon saw, shared with its connection tasks.
@@ -214,6 +217,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, seen: Arc<Seen>) {
                 break;
             }
         }
+    }
+    if let Some(linger) = seen.options.linger {
+        tokio::time::sleep(linger).await;
     }
     seen.log(pid, "closed");
 }
