@@ -16,6 +16,18 @@ mod imports {
             msg_len: usize,
         );
 
+        /// Emits a log record with key-value fields, encoded as
+        /// `docs/abi.md` describes.
+        pub(super) fn log_fields(
+            level: i32,
+            target_ptr: *const u8,
+            target_len: usize,
+            msg_ptr: *const u8,
+            msg_len: usize,
+            fields_ptr: *const u8,
+            fields_len: usize,
+        );
+
         /// Sets the text the daemon reports if the guest traps in this export.
         pub(super) fn trap_message(ptr: *const u8, len: usize);
     }
@@ -34,6 +46,28 @@ pub(crate) fn log(level: log::Level, target: &str, message: &str) {
 /// Sends a log record to the daemon: without one, nothing.
 #[cfg(not(target_family = "wasm"))]
 pub(crate) fn log(_level: log::Level, _target: &str, _message: &str) {}
+
+/// Sends a log record with encoded key-value fields to the daemon.
+#[cfg(target_family = "wasm")]
+pub(crate) fn log_fields(level: log::Level, target: &str, message: &str, fields: &[u8]) {
+    // SAFETY: the three pointers address live buffers of the given lengths,
+    // and the daemon only reads them before returning.
+    unsafe {
+        imports::log_fields(
+            level as i32,
+            target.as_ptr(),
+            target.len(),
+            message.as_ptr(),
+            message.len(),
+            fields.as_ptr(),
+            fields.len(),
+        )
+    }
+}
+
+/// Sends a log record with fields to the daemon: without one, nothing.
+#[cfg(not(target_family = "wasm"))]
+pub(crate) fn log_fields(_level: log::Level, _target: &str, _message: &str, _fields: &[u8]) {}
 
 /// Tells the daemon what to report if the guest traps before this export returns.
 #[cfg(target_family = "wasm")]

@@ -15,7 +15,9 @@
 //!   client releases the worker. Both are optional; leave a key out and its
 //!   export is not generated, so the daemon does not call it.
 //! - The [`log`] macros work: records travel to the client with the reply of
-//!   the call that made them. So do `println!` and `eprintln!`.
+//!   the call that made them, with their key-value fields
+//!   (`log::info!(user = name, tries = 3; "login failed")`; values are sent
+//!   as text). So do `println!` and `eprintln!` lines.
 //! - A panic reports its message and location to the daemon and ends the
 //!   worker (wasm32-wasip1 aborts on panic): use `Err` for failures a caller
 //!   should survive.

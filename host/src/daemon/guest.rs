@@ -121,6 +121,39 @@ fn violation(msg: impl Into<String>) -> wasmtime::Error {
 
 /// Defines WASI preview 1 and the `wasm_task` imports in `linker`.
 pub fn add_imports(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
+    /// Reads the key-value fields of a `log_fields` record: for each field,
+    /// a little-endian `u32` length and the key, then the same for the
+    /// value. The first 64 fields are kept.
+    fn decode_fields(mut bytes: &[u8]) -> wasmtime::Result<Vec<(String, String)>> {
+        const MAX_FIELDS: usize = 64;
+        let mut fields = Vec::new();
+        while !bytes.is_empty() {
+            let key = take_item(&mut bytes)?;
+            let value = take_item(&mut bytes)?;
+            if fields.len() < MAX_FIELDS {
+                fields.push((lossy(key, MAX_TARGET_BYTES), lossy(value, MAX_MESSAGE_BYTES)));
+            }
+        }
+        Ok(fields)
+    }
+
+    /// Splits one length-prefixed item off the front of `bytes`.
+    fn take_item<'a>(bytes: &mut &'a [u8]) -> wasmtime::Result<&'a [u8]> {
+        let (len, rest) = bytes
+            .split_first_chunk::<4>()
+            .ok_or_else(|| violation("log fields: a length is cut short"))?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if rest.len() < len {
+            return Err(violation(format!(
+                "log fields: an item of {len} bytes overruns the {} bytes left",
+                rest.len()
+            )));
+        }
+        let (item, rest) = rest.split_at(len);
+        *bytes = rest;
+        Ok(item)
+    }
+
     wasmtime_wasi::p1::add_to_linker_sync(linker, |s: &mut HostState| &mut s.wasi)?;
     linker.func_wrap(
         "wasm_task",
@@ -131,6 +164,26 @@ pub fn add_imports(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
             let target = slice(data, tp, tl)?;
             let message = slice(data, mp, ml)?;
             state.push_log(level.clamp(1, 5) as u8, target, message, Vec::new());
+            Ok(())
+        },
+    )?;
+    linker.func_wrap(
+        "wasm_task",
+        "log_fields",
+        |mut caller: Caller<'_, HostState>,
+         level: i32,
+         tp: i32,
+         tl: i32,
+         mp: i32,
+         ml: i32,
+         fp: i32,
+         fl: i32| {
+            let mem = caller_memory(&mut caller)?;
+            let (data, state) = mem.data_and_store_mut(&mut caller);
+            let target = slice(data, tp, tl)?;
+            let message = slice(data, mp, ml)?;
+            let fields = decode_fields(slice(data, fp, fl)?)?;
+            state.push_log(level.clamp(1, 5) as u8, target, message, fields);
             Ok(())
         },
     )?;
