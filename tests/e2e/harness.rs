@@ -251,6 +251,107 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The arguments [`Daemon::start`] gives the daemon: the test guest as
+/// `testguest`, the echo WAT guest as `echo`, then `extra`.
+pub fn standard_args(extra: &[&str]) -> Vec<String> {
+    let g = guests();
+    let mut args = vec![
+        format!("--module=testguest={}", g.testguest.display()),
+        format!("--module=echo={}", g.echo_wat.display()),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// The WAT guest whose setup always fails.
+pub fn bad_setup_wat() -> PathBuf {
+    workspace().join("tests/guests/bad_setup.wat")
+}
+
+impl Daemon {
+    /// Starts a new daemon on the same socket with `args`, once this one
+    /// has stopped (see [`Daemon::stop`]), and waits until it is ready. Its
+    /// log goes on in the same file.
+    pub fn relaunch(&mut self, args: &[String]) {
+        assert!(self.child.try_wait().unwrap().is_some(), "the daemon must be stopped first");
+        let log = fs::OpenOptions::new().append(true).open(&self.log).unwrap();
+        self.child = Command::new(env!("CARGO_BIN_EXE_wasm-task"))
+            .arg("serve")
+            .arg(format!("--listen=unix:{}", self.socket.display()))
+            .args(args)
+            .env("RUST_LOG", "wasm_task=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting wasm-task serve again");
+        self.wait_ready();
+    }
+
+    /// How many lines of the daemon's log contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log_text().lines().filter(|line| line.contains(needle)).count()
+    }
+}
+
+/// Children of `pid` that are alive (zombies left out).
+pub fn live_children(pid: u32) -> Vec<u32> {
+    children(pid).into_iter().filter(|child| alive(*child)).collect()
+}
+
+/// Children of `pid` that are alive and still hold descriptors.
+///
+/// A worker's connection closes when the kernel releases its descriptors
+/// as it exits; the process shows as running a little longer, while the
+/// kernel finishes the exit. Those are left out: they hold nothing more.
+pub fn running_children(pid: u32) -> Vec<u32> {
+    live_children(pid).into_iter().filter(|child| fd_count(*child) > 0).collect()
+}
+
+/// Whether the process `pid` has exited and been reaped.
+pub fn gone(pid: u32) -> bool {
+    state(pid).is_none()
+}
+
+/// Samples the running children of a process (see [`running_children`]) on
+/// a thread of its own, and remembers the most seen at once.
+pub struct ChildWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl ChildWatch {
+    /// Starts watching the children of `pid`.
+    pub fn start(pid: u32) -> ChildWatch {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let mut most = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    most = most.max(running_children(pid).len());
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                most
+            }
+        });
+        ChildWatch { stop, thread: Some(thread) }
+    }
+
+    /// Stops watching; returns the most running children seen at once.
+    pub fn most(mut self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for ChildWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Path of the hostile WAT guest `name` (tests/guests/hostile/NAME.wat).
 pub fn hostile_wat(name: &str) -> PathBuf {
     workspace().join(format!("tests/guests/hostile/{name}.wat"))

@@ -9,5 +9,6 @@ mod hardening;
 mod hostile;
 mod limits;
 mod pool;
+mod pool_semantics;
 mod robustness;
 mod sandbox;

@@ -1,6 +1,7 @@
 //! The guest the end-to-end tests drive: one method per behaviour a worker
 //! must handle (results, errors, state, traps, timeouts, blocking calls,
-//! logs and output, the filesystem sandbox) plus both hooks, counted.
+//! logs with fields and output, the filesystem sandbox) plus both hooks,
+//! counted; setup fails on demand through a control file.
 //!
 //! Counters live in statics, so they last as long as the worker instance and
 //! tell the tests which instance answered and what ran on it.
@@ -112,6 +113,13 @@ fn sleep_ms(ms: u64) -> Result<u64, String> {
     Ok(ms)
 }
 
+/// Allocates and touches `mib` MiB, to run into the daemon's memory limit.
+fn allocate(mib: usize) -> Result<u64, String> {
+    called();
+    let block = vec![1u8; mib << 20];
+    Ok(hint::black_box(&block).iter().map(|b| u64::from(*b)).sum())
+}
+
 /// Emits `text` at info and warn level, and once each on stdout and stderr.
 fn log_text(text: String) -> Result<(), String> {
     called();
@@ -120,6 +128,30 @@ fn log_text(text: String) -> Result<(), String> {
     println!("{text}");
     eprintln!("{text}");
     Ok(())
+}
+
+/// Arguments of [`log_fields`].
+#[derive(Debug, Deserialize)]
+struct LogFields {
+    user: String,
+    tries: u32,
+}
+
+/// Logs a record with key-value fields and prints a line on each output.
+fn log_fields(args: LogFields) -> Result<(), String> {
+    called();
+    log::info!(user = args.user.as_str(), tries = args.tries; "login by {}", args.user);
+    println!("out: {}", args.user);
+    eprintln!("err: {}", args.tries);
+    Ok(())
+}
+
+/// Logs a warning with a field, then fails with `message`: the record
+/// travels with the error reply.
+fn log_then_fail(message: String) -> Result<(), String> {
+    called();
+    log::warn!(reason = message.as_str(); "about to fail");
+    Err(message)
 }
 
 /// Reads a file as text; the error is the I/O error's text.
@@ -141,9 +173,17 @@ fn write_file(args: WriteFile) -> Result<(), String> {
     fs::write(&args.path, args.contents).map_err(|e| format!("writing {}: {e}", args.path))
 }
 
-/// Counts the hook and draws this instance's id.
+/// A file that makes setup fail with its contents as the message, when the
+/// daemon preopens a directory as `/control` and the file exists in it.
+const SETUP_ERROR_FILE: &str = "/control/setup_error";
+
+/// Counts the hook and draws this instance's id; fails if told to by
+/// [`SETUP_ERROR_FILE`].
 fn setup() -> Result<(), String> {
     SETUP_CALLS.fetch_add(1, Ordering::Relaxed);
+    if let Ok(message) = fs::read_to_string(SETUP_ERROR_FILE) {
+        return Err(message.trim().to_owned());
+    }
     let id = getrandom::u64().map_err(|e| format!("drawing the instance id: {e}"))?;
     INSTANCE_ID.store(id, Ordering::Relaxed);
     Ok(())
@@ -165,7 +205,10 @@ export! {
         "panic" => panic_with,
         "spin" => spin,
         "sleep_ms" => sleep_ms,
+        "allocate" => allocate,
         "log" => log_text,
+        "log_fields" => log_fields,
+        "log_then_fail" => log_then_fail,
         "read_file" => read_file,
         "write_file" => write_file,
     },
