@@ -96,3 +96,28 @@ async fn lookup_setup_failure_names_the_missing_file() {
         other => panic!("expected a setup failure, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn preopens_stay_the_directories_given_at_start_up() {
+    // Someone who can write next to a preopened directory (say a guest of
+    // another module with a writable preopen of the parent) swaps it for a
+    // symlink leading out. New workers must still get the original.
+    let root = tempfile::tempdir().unwrap();
+    let (cfg, outside) = (root.path().join("cfg"), root.path().join("outside"));
+    std::fs::create_dir(&cfg).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(cfg.join("f"), "benign config").unwrap();
+    std::fs::write(outside.join("f"), "outside the sandbox").unwrap();
+    let daemon = Daemon::start_with(&[
+        format!("--module=testguest={}", guests().testguest.display()),
+        format!("--dir=testguest={}:/cfg:ro", cfg.display()),
+    ]);
+
+    std::fs::rename(&cfg, root.path().join("cfg_old")).unwrap();
+    std::os::unix::fs::symlink("outside", &cfg).unwrap();
+
+    let client = daemon.client("testguest").min_workers(0).build();
+    let worker = client.checkout().await.unwrap();
+    let got: String = worker.call("read_file", &"/cfg/f").await.unwrap();
+    assert_eq!(got, "benign config");
+}

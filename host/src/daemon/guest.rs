@@ -566,10 +566,10 @@ fn new_state(module: &LoadedModule, log_limit: usize) -> anyhow::Result<HostStat
         make_deterministic(&mut wasi, seed);
     }
     for dir in &module.dirs {
-        let perms = if dir.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
-        wasi.preopened_dir(&dir.host, &dir.guest, perms)
+        let perms = if dir.spec.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
+        wasi.preopened_dir(dir.path(), &dir.spec.guest, perms)
             .map_err(anyhow::Error::from)
-            .map_err(|e| e.context(format!("opening directory {dir}")))?;
+            .map_err(|e| e.context(format!("opening directory {}", dir.spec)))?;
     }
     Ok(HostState {
         wasi: wasi.build_p1(),

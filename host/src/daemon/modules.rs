@@ -5,7 +5,8 @@
 //! Each module gets an engine of its own, because the wasm stack size and
 //! fuel metering are engine settings and differ between modules.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::{Context, bail};
@@ -36,12 +37,41 @@ pub struct LoadedModule {
     pub engine: Engine,
     /// Pre-resolved imports; instantiating from it is cheap.
     pub pre: InstancePre<HostState>,
-    /// Directories this module's guests get.
-    pub dirs: Vec<DirSpec>,
+    /// Directories this module's guests get, opened once at start-up.
+    pub dirs: Vec<Preopen>,
     /// Which optional exports the module has.
     pub exports: OptionalExports,
     /// Limits, environment, arguments and determinism of its guests.
     pub settings: ModuleSettings,
+}
+
+/// A directory given to guests, opened by the daemon before the first fork.
+///
+/// Workers open it again through `/proc/self/fd`, so they get exactly the
+/// directory that was there at start-up, whatever has been renamed or
+/// replaced by a symlink along its host path since (a guest with write
+/// access to a parent directory could otherwise redirect it).
+pub struct Preopen {
+    /// What the command line asked for.
+    pub spec: DirSpec,
+    /// The open directory.
+    pub dir: OwnedFd,
+}
+
+impl Preopen {
+    fn open(spec: &DirSpec) -> anyhow::Result<Preopen> {
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&spec.host)
+            .with_context(|| format!("directory {spec}: opening {}", spec.host.display()))?;
+        Ok(Preopen { spec: spec.clone(), dir: dir.into() })
+    }
+
+    /// The path a worker opens to reach this very directory.
+    pub fn path(&self) -> String {
+        format!("/proc/self/fd/{}", self.dir.as_raw_fd())
+    }
 }
 
 /// The optional parts of the ABI a module implements.
@@ -84,7 +114,12 @@ impl Modules {
             let settings = config.settings.resolve(&spec.name);
             let (engine, pre, exports) = load_one(&spec.path, &settings, config.max_frame)
                 .with_context(|| format!("loading module `{}`", spec.name))?;
-            let dirs = config.dirs.iter().filter(|d| d.applies_to(&spec.name)).cloned().collect();
+            let dirs = config
+                .dirs
+                .iter()
+                .filter(|d| d.applies_to(&spec.name))
+                .map(Preopen::open)
+                .collect::<anyhow::Result<_>>()?;
             let name = spec.name.clone();
             modules.push(LoadedModule { name, engine, pre, dirs, exports, settings });
         }
