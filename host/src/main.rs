@@ -132,11 +132,17 @@ impl ServeArgs {
     }
 }
 
+/// Logging without `RUST_LOG`: the daemon's lifecycle at info; wasmtime-wasi
+/// only at error, since it warns once per call of some unsupported WASI
+/// functions, which would let a guest flood the daemon's log.
+const DEFAULT_LOG_FILTER: &str = "info,wasmtime_wasi=error";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

@@ -48,12 +48,12 @@ macro_rules! guest_event {
             worker.pid = $origin.pid,
             module = $origin.module,
             method = $origin.method,
-            target = $record.target.as_str(),
+            target = tracing::field::display(Escaped(&$record.target)),
             at_us = $record.at_us,
             fields = (!$record.fields.is_empty())
                 .then(|| tracing::field::display(Fields(&$record.fields))),
             "{}",
-            $record.message
+            Escaped(&$record.message)
         )
     };
 }
@@ -81,7 +81,21 @@ impl fmt::Display for Fields<'_> {
             }
             let plain = !value.is_empty()
                 && !value.chars().any(|c| c.is_whitespace() || c == '"' || c == '=');
+            let key = Escaped(key);
             if plain { write!(f, "{key}={value}")? } else { write!(f, "{key}={value:?}")? }
+        }
+        Ok(())
+    }
+}
+
+/// Guest text with control characters escaped (`\n`, `\u{1b}`, ...), so
+/// that a guest cannot forge lines or terminal colours in the service's log.
+pub(crate) struct Escaped<'a>(pub(crate) &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() { write!(f, "{}", c.escape_default())? } else { write!(f, "{c}")? }
         }
         Ok(())
     }
@@ -99,5 +113,11 @@ mod tests {
             ("empty".to_owned(), String::new()),
         ];
         assert_eq!(Fields(&fields).to_string(), r#"user=ada note="two words" empty="""#);
+    }
+
+    #[test]
+    fn guest_text_cannot_forge_log_lines() {
+        let forged = "ok\n2099-01-01 ERROR forged\u{1b}[31m";
+        assert_eq!(Escaped(forged).to_string(), r"ok\n2099-01-01 ERROR forged\u{1b}[31m");
     }
 }

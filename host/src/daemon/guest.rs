@@ -24,6 +24,9 @@ const MAX_LOG_RECORDS: usize = 1000;
 /// Bytes kept of one record's message (and of a trap message); the rest is cut.
 const MAX_MESSAGE_BYTES: usize = 16 << 10;
 
+/// Bytes kept of a trap's backtrace (frames carry guest-chosen names).
+const MAX_BACKTRACE_BYTES: usize = 64 << 10;
+
 /// Bytes kept of one record's target.
 const MAX_TARGET_BYTES: usize = 256;
 
@@ -485,7 +488,7 @@ impl Guest {
         let word = |i: usize| u32::from_le_bytes(data[at.start + 4 * i..][..4].try_into().unwrap());
         let (status, ptr, len) = (word(0), word(1), word(2));
         let bytes = range(data.len(), ptr, len).map_err(|m| abi_error(&format!("reply: {m}")))?;
-        let text = || String::from_utf8_lossy(&data[bytes.clone()]).into_owned();
+        let text = || lossy(&data[bytes.clone()], MAX_MESSAGE_BYTES);
         match status {
             STATUS_OK => Ok(bytes),
             STATUS_ERROR => {
@@ -597,7 +600,9 @@ fn make_deterministic(wasi: &mut WasiCtxBuilder, seed: u64) {
 
 fn classify(store: &mut Store<HostState>, err: wasmtime::Error) -> ErrorReply {
     let state = store.data_mut();
-    let backtrace = err.downcast_ref::<WasmBacktrace>().map(|bt| bt.to_string());
+    let backtrace = err
+        .downcast_ref::<WasmBacktrace>()
+        .map(|bt| lossy(bt.to_string().as_bytes(), MAX_BACKTRACE_BYTES));
     let trap_message = state.trap_message.take();
     let (kind, message) = if let Some(v) = err.downcast_ref::<AbiViolation>() {
         (ErrorKind::Protocol, v.to_string())

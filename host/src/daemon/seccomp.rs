@@ -135,6 +135,12 @@ fn rules() -> Vec<Rule> {
         // Paths inside preopened directories, always relative to one.
         allow_if(SYS_openat, &relative),
         allow_if(SYS_openat2, &relative),
+        // The filesystem library falls back to /proc when a guest touches a
+        // file its user may not open; that open (relative to the working
+        // directory) fails softly even in kill mode, so that a legitimate
+        // WASI call is not punished with death.
+        Rule { nr: SYS_openat, when: vec![Eq(0, CWD)], action: Action::Errno(libc::EPERM) },
+        Rule { nr: SYS_openat2, when: vec![Eq(0, CWD)], action: Action::Errno(libc::EPERM) },
         allow_if(SYS_newfstatat, &relative),
         allow_if(SYS_statx, &relative),
         allow_if(SYS_mkdirat, &relative),
@@ -352,14 +358,18 @@ fn rule_body(rule: &Rule) -> (Vec<sock_filter>, Vec<usize>) {
 
 #[cfg(target_arch = "x86_64")]
 mod arch {
-    use super::{Rule, allow};
+    use super::{CWD, Cond::Ne, Rule, allow, allow_if};
 
     pub const AUDIT_ARCH: Option<u32> = Some(0xc000_003e);
     pub const FOREIGN_NR_BIT: Option<u32> = Some(0x4000_0000);
 
     /// Calls x86_64 has besides the generic ones.
     pub fn extra_rules() -> Vec<Rule> {
-        vec![allow(libc::SYS_poll), allow(libc::SYS_epoll_wait), allow(libc::SYS_renameat)]
+        vec![
+            allow(libc::SYS_poll),
+            allow(libc::SYS_epoll_wait),
+            allow_if(libc::SYS_renameat, &[Ne(0, CWD), Ne(2, CWD)]),
+        ]
     }
 }
 

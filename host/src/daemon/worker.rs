@@ -101,7 +101,9 @@ pub fn run(stream: Stream, modules: &Modules, options: Options<'_>) -> ! {
     let code = span.in_scope(|| match served {
         Ok(Ok(())) => 0,
         Ok(Err(e @ ConnError::Refused(_))) => {
-            info!(reason = %e, "worker ends without serving");
+            // Debug formatting: the reason may quote the guest, which must
+            // not be able to forge lines of the daemon's log.
+            info!(reason = ?e.to_string(), "worker ends without serving");
             1
         }
         Ok(Err(ConnError::Frame(FrameError::Io(e)))) if client_left(&e) => {
@@ -361,7 +363,16 @@ fn call(
     let bound = watchdog.begin(timeout);
     let result = guest.call(method, args);
     watchdog.end();
-    let result = result.map_err(|e| explain_timeout(e, bound, &options));
+    let mut result = result.map_err(|e| explain_timeout(e, bound, &options));
+    // Refuse an oversized result before encoding it: a copy of a result of
+    // gigabytes could exhaust the worker's memory.
+    if let Ok(r) = &result
+        && r.len() > max_frame
+    {
+        let message =
+            format!("reply of {} bytes exceeds the {max_frame} byte frame limit", r.len());
+        result = Err(ErrorReply { kind: ErrorKind::Limit, message, backtrace: None });
+    }
     let elapsed_us = started.elapsed().as_micros() as u64;
     let stats = CallStats {
         wall_us: elapsed_us,
@@ -375,7 +386,7 @@ fn call(
             false
         }
         Err(e) => {
-            debug!(method, elapsed_us, kind = ?e.kind, error = %e.message, "call failed");
+            debug!(method, elapsed_us, kind = ?e.kind, error = ?e.message, "call failed");
             e.kind.is_fatal()
         }
     };
