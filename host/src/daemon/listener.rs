@@ -59,6 +59,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let mut sfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .context("creating signalfd")?;
 
+    title::prepare();
     let listener = Listener::bind(&config.listen)?;
     info!(
         address = %listener.describe(),

@@ -189,6 +189,11 @@ fn rules() -> Vec<Rule> {
         allow(SYS_ppoll),
         allow(SYS_epoll_pwait),
         allow(SYS_epoll_ctl),
+        // Starting WASI's runtime on first use: its event loop and wakers.
+        // These make new descriptors but reach nothing outside the process.
+        allow(SYS_epoll_create1),
+        allow(SYS_eventfd2),
+        allow_if(SYS_socketpair, &[Eq(0, libc::AF_UNIX as u32)]),
         allow(SYS_getrandom),
         // The per-entry CPU-time backstop re-arms RLIMIT_CPU, nothing else.
         allow_if(SYS_prlimit64, &[Eq(0, 0), Eq(1, CPU_LIMIT)]),

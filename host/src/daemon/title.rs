@@ -5,6 +5,7 @@
 //! original argv. Both are rewritten here.
 
 use std::ffi::CString;
+use std::sync::OnceLock;
 
 /// Sets the process title to `title` (full) and `comm` (short name).
 ///
@@ -15,7 +16,7 @@ pub fn set(title: &str, comm: &str) {
     if let Ok(name) = CString::new(short) {
         let _ = nix::sys::prctl::set_name(&name);
     }
-    if let Some((start, end)) = argv_area() {
+    if let Some((start, end)) = *ARGV_AREA.get_or_init(argv_area) {
         let len = end - start;
         let bytes = title.as_bytes();
         let n = bytes.len().min(len.saturating_sub(1));
@@ -28,6 +29,15 @@ pub fn set(title: &str, comm: &str) {
             area[n..].fill(0);
         }
     }
+}
+
+/// Where the argv strings are; found once, in the daemon, and inherited by
+/// every worker, which then sets its title without reading /proc.
+static ARGV_AREA: OnceLock<Option<(usize, usize)>> = OnceLock::new();
+
+/// Finds the argv block now, before any fork, so that workers need not.
+pub fn prepare() {
+    ARGV_AREA.get_or_init(argv_area);
 }
 
 /// The address range of the argv strings: fields 48 and 49 of `/proc/self/stat`.

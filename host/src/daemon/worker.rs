@@ -410,19 +410,19 @@ fn call(
 
 /// Builds the guest's store, walls the process in, then instantiates.
 ///
-/// The order matters: preopened directories are opened and WASI's runtime
-/// threads started while the process may still open files and start
-/// threads; the rlimits and the system-call filter are in place before the
-/// first instruction of the guest runs.
+/// The order matters: preopened directories are opened while the process
+/// may still open files by path; the rlimits and the system-call filter are
+/// in place before the first instruction of the guest runs.
 fn instantiate(
     module: &LoadedModule,
     log_limit: usize,
     filter: Option<&Filter>,
 ) -> Result<Guest, ErrorReply> {
     let prepared = Prepared::new(module, log_limit)?;
-    // WASI's sync calls run on a runtime of its own, started on first use;
-    // start it now, while its thread and event descriptors may be created.
-    wasmtime_wasi::runtime::with_ambient_tokio_runtime(|| ());
+    // WASI's sync calls run on a runtime of its own, started on a guest's
+    // first file, stream or poll call; the filter allows what starting it
+    // needs (a thread, an epoll instance, an eventfd, a socket pair), so
+    // guests that never make such a call never pay for it.
     lock_down(module, filter).map_err(|e| ErrorReply {
         kind: ErrorKind::SetupFailed,
         message: format!("walling in the worker: {e}"),
