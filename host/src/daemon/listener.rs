@@ -60,6 +60,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         .context("creating signalfd")?;
 
     title::prepare();
+    // One malloc arena for every thread: a worker's watchdog and runtime
+    // threads then skip glibc's per-thread arena (a 64-128 MiB mapping each,
+    // set up while the worker starts) and share the main one.
+    // SAFETY: mallopt only tunes the allocator; called before any thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let listener = Listener::bind(&config.listen)?;
     info!(
         address = %listener.describe(),
