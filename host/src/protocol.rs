@@ -162,7 +162,7 @@ impl ErrorKind {
 pub struct CallStats {
     /// Wall-clock time the guest ran, in microseconds.
     pub wall_us: u64,
-    /// CPU time the worker's thread used during the call, in microseconds.
+    /// CPU time the worker process used during the call, in microseconds.
     pub cpu_us: u64,
     /// Fuel the guest consumed, when the module runs with a fuel budget.
     pub fuel: Option<u64>,

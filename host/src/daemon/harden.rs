@@ -181,19 +181,41 @@ pub struct AddressSpace {
     pub cap: u64,
 }
 
-/// Lets this process use `seconds` more CPU time before the kernel ends it
-/// with SIGXCPU. Called at every guest entry: a backstop should the
-/// watchdog thread ever fail to end a runaway call.
-pub fn arm_cpu_backstop(seconds: u64) {
-    let used = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)
-        .map(|t| t.tv_sec() as u64 + 1)
-        .unwrap_or(0);
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: libc::RLIM_INFINITY };
-    // SAFETY: `limit` is valid for writes for the duration of the call.
-    unsafe { libc::getrlimit(libc::RLIMIT_CPU, &mut limit) };
-    limit.rlim_cur = used.saturating_add(seconds).min(limit.rlim_max);
-    // SAFETY: `limit` is a valid rlimit for the duration of the call.
-    unsafe { libc::setrlimit(libc::RLIMIT_CPU, &limit) };
+/// CPU time this process has used so far.
+pub fn process_cpu() -> std::time::Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)
+        .map(std::time::Duration::from)
+        .unwrap_or_default()
+}
+
+/// RLIMIT_CPU kept far enough ahead of the CPU time used: the kernel ends
+/// the process with SIGXCPU should the watchdog thread ever fail to end a
+/// runaway guest entry.
+///
+/// Re-armed only when the room left is less than an entry may need, and
+/// then with twice that room, so that most entries make no system call
+/// for it; the backstop is thus at most twice as loose as an entry's bound.
+#[derive(Default)]
+pub struct CpuBackstop {
+    /// The soft limit last set, in CPU seconds; 0 before the first.
+    armed: std::cell::Cell<u64>,
+}
+
+impl CpuBackstop {
+    /// Makes sure `seconds` more CPU time are allowed after `used`.
+    pub fn ensure(&self, used: std::time::Duration, seconds: u64) {
+        let used = used.as_secs().saturating_add(1);
+        if self.armed.get() >= used.saturating_add(seconds) {
+            return;
+        }
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: `limit` is valid for writes for the duration of the call.
+        unsafe { libc::getrlimit(libc::RLIMIT_CPU, &mut limit) };
+        limit.rlim_cur = used.saturating_add(seconds.saturating_mul(2)).min(limit.rlim_max);
+        // SAFETY: `limit` is a valid rlimit for the duration of the call.
+        unsafe { libc::setrlimit(libc::RLIMIT_CPU, &limit) };
+        self.armed.set(limit.rlim_cur);
+    }
 }
 
 fn set_rlimit(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> io::Result<()> {

@@ -11,6 +11,7 @@
 //! and in any case by the daemon's hung-worker timeout. As a backstop for the
 //! watchdog itself, each entry also re-arms the kernel's CPU-time limit.
 
+use std::cell::Cell;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
@@ -34,6 +35,9 @@ pub struct Watchdog {
     shared: Arc<Shared>,
     thread: Thread,
     hung_timeout: Duration,
+    /// The process's CPU time when the current guest entry began.
+    cpu_at_begin: Cell<Duration>,
+    backstop: harden::CpuBackstop,
 }
 
 /// What bounds a guest entry.
@@ -87,7 +91,13 @@ impl Watchdog {
         let state = shared.clone();
         let handle =
             thread::Builder::new().name("watchdog".into()).spawn(move || watch(&state, &conn))?;
-        Ok(Watchdog { shared, thread: handle.thread().clone(), hung_timeout })
+        Ok(Watchdog {
+            shared,
+            thread: handle.thread().clone(),
+            hung_timeout,
+            cpu_at_begin: Cell::new(Duration::ZERO),
+            backstop: harden::CpuBackstop::default(),
+        })
     }
 
     /// Gives the watchdog the engine whose epoch interrupts the guest.
@@ -105,9 +115,16 @@ impl Watchdog {
             _ => (self.hung_timeout, Bound::Hung, GRACE.min(self.hung_timeout)),
         };
         let backstop = limit.saturating_add(grace).as_secs().saturating_add(2);
-        harden::arm_cpu_backstop(backstop);
+        let cpu = harden::process_cpu();
+        self.cpu_at_begin.set(cpu);
+        self.backstop.ensure(cpu, backstop);
         self.arm(limit, grace, true);
         bound
+    }
+
+    /// CPU time the process has used since the last [`Watchdog::begin`].
+    pub fn cpu_since_begin(&self) -> Duration {
+        harden::process_cpu().saturating_sub(self.cpu_at_begin.get())
     }
 
     /// The main thread starts a read that must finish within `timeout`.

@@ -358,7 +358,6 @@ fn call(
 ) -> Result<bool, ConnError> {
     let max_frame = options.max_frame;
     let started = Instant::now();
-    let cpu_started = thread_cpu_time();
     debug!(method, timeout_ms = timeout.map(|t| t.as_millis() as u64), "calling");
     let bound = watchdog.begin(timeout);
     let result = guest.call(method, args);
@@ -376,7 +375,7 @@ fn call(
     let elapsed_us = started.elapsed().as_micros() as u64;
     let stats = CallStats {
         wall_us: elapsed_us,
-        cpu_us: thread_cpu_time().saturating_sub(cpu_started).as_micros() as u64,
+        cpu_us: watchdog.cpu_since_begin().as_micros() as u64,
         fuel: guest.fuel_used(),
     };
     let logs = guest.take_logs();
@@ -475,13 +474,6 @@ fn setup_failure(mut e: ErrorReply) -> ErrorReply {
 /// `text` cut to `max` characters, for logs and messages: a peer chooses it.
 fn printable(text: &str, max: usize) -> String {
     text.chars().take(max).collect()
-}
-
-/// CPU time consumed by the calling thread so far.
-fn thread_cpu_time() -> Duration {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
-        .map(Duration::from)
-        .unwrap_or_default()
 }
 
 fn source_of(e: &FrameError) -> String {
