@@ -8,8 +8,10 @@ use bytes::Bytes;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
-/// Bytes of output kept per stream between two drains (one call).
-pub const DEFAULT_CAPACITY: usize = 64 << 10;
+/// How much a guest may write in one go, as WASI asks before each write.
+/// Any amount works (writes beyond the capacity are dropped, not refused);
+/// this only sets the size of the guest's write chunks.
+const WRITE_CHUNK: usize = 64 << 10;
 
 /// A WASI output stream that keeps what the guest writes, up to a capacity.
 ///
@@ -92,7 +94,7 @@ impl OutputStream for Capture {
     }
 
     fn check_write(&mut self) -> StreamResult<usize> {
-        Ok(DEFAULT_CAPACITY)
+        Ok(WRITE_CHUNK)
     }
 }
 

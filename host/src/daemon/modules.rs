@@ -332,15 +332,13 @@ fn check_scopes(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A preopen must name a served module and an existing host directory.
+/// A preopen must name a served module. (That its host path is a directory
+/// was checked when [`Preopen::open`] opened it for the modules it serves.)
 fn check_dir(dir: &DirSpec, modules: &[LoadedModule]) -> anyhow::Result<()> {
     if let Some(name) = &dir.module
         && !modules.iter().any(|m| &m.name == name)
     {
         bail!("directory {dir} is for module `{name}`, which is not served");
-    }
-    if !dir.host.is_dir() {
-        bail!("directory {dir}: {} is not a directory", dir.host.display());
     }
     Ok(())
 }
