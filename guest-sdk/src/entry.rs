@@ -9,10 +9,11 @@
 //! but never called.
 
 use std::fmt::Display;
+use std::io;
 use std::sync::Once;
 
 use crate::dispatch::{self, Method};
-use crate::{logger, memory, panic, reply};
+use crate::{logger, memory, panic, reply, seed};
 
 /// Implements `wasm_task_alloc`: `len` bytes for a request, or 0.
 pub fn alloc(len: i32) -> i32 {
@@ -42,10 +43,36 @@ pub fn methods(methods: &[Method]) -> i32 {
     reply::publish(|out| dispatch::list(methods, out))
 }
 
-/// Implements the `wasm_task_setup` and `wasm_task_checkout_done` hooks.
+/// Implements the `wasm_task_init`, `wasm_task_setup` and
+/// `wasm_task_checkout_done` hooks.
 pub fn hook<E: Display>(hook: impl FnOnce() -> Result<(), E>) -> i32 {
     start();
     reply::publish(|out| dispatch::run_hook(hook, out))
+}
+
+/// The `reseed` step of `wasm_task_setup`: hands `reseed` 32 fresh random
+/// bytes.
+///
+/// The error is text, like [`setup_step`]'s, so that both steps can share
+/// one hook.
+pub fn reseed(reseed: impl FnOnce([u8; 32])) -> Result<(), String> {
+    reseed_from(seed::fresh_seed, reseed)
+}
+
+/// The guest's own step of `wasm_task_setup`, its error as text.
+pub fn setup_step<E: Display>(setup: impl FnOnce() -> Result<(), E>) -> Result<(), String> {
+    setup().map_err(|e| e.to_string())
+}
+
+/// Hands `reseed` the bytes `read` returns; without them, `reseed` never runs.
+fn reseed_from(
+    read: impl FnOnce() -> io::Result<[u8; 32]>,
+    reseed: impl FnOnce([u8; 32]),
+) -> Result<(), String> {
+    let seed =
+        read().map_err(|e| format!("reseeding: reading 32 bytes from WASI random_get: {e}"))?;
+    reseed(seed);
+    Ok(())
 }
 
 /// Reads an ABI length: wasm's `i32` is untyped, lengths are unsigned.
@@ -96,5 +123,69 @@ mod tests {
         assert_eq!(reply::last(), (1, b"config missing".to_vec()));
         hook(|| Ok::<(), String>(()));
         assert_eq!(reply::last(), (0, Vec::new()));
+    }
+
+    #[test]
+    fn reseed_is_not_run_when_random_bytes_are_missing() {
+        let unsupported = || Err(io::Error::from(io::ErrorKind::Unsupported));
+        let result = reseed_from(unsupported, |_| panic!("reseed ran without a seed"));
+        let message = result.unwrap_err();
+        assert!(
+            message.starts_with("reseeding: reading 32 bytes from WASI random_get: "),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn reseed_gets_fresh_bytes_each_time() {
+        let mut seeds = Vec::new();
+        reseed(|seed| seeds.push(seed)).unwrap();
+        reseed(|seed| seeds.push(seed)).unwrap();
+        assert_ne!(seeds[0], seeds[1]);
+    }
+
+    /// A module with every hook, each recording that it ran.
+    mod generated {
+        use std::sync::Mutex;
+
+        /// The hooks that ran, in order.
+        pub(super) static RAN: Mutex<Vec<&str>> = Mutex::new(Vec::new());
+
+        fn ran(hook: &'static str) {
+            RAN.lock().unwrap().push(hook);
+        }
+
+        crate::export! {
+            methods: {},
+            init: || {
+                ran("init");
+                Ok::<(), String>(())
+            },
+            reseed: |_| ran("reseed"),
+            setup: || {
+                ran("setup");
+                Err("setup failed on purpose")
+            },
+            checkout_done: || {
+                ran("checkout_done");
+                Ok::<(), String>(())
+            },
+        }
+    }
+
+    // SAFETY: `export!` in `generated` defines these functions with exactly
+    // these signatures; they take nothing and touch only this crate's state.
+    unsafe extern "C" {
+        safe fn wasm_task_init() -> i32;
+        safe fn wasm_task_setup() -> i32;
+    }
+
+    #[test]
+    fn generated_setup_reseeds_before_the_guests_setup() {
+        wasm_task_init();
+        assert_eq!(reply::last(), (0, Vec::new()));
+        wasm_task_setup();
+        assert_eq!(reply::last(), (1, b"setup failed on purpose".to_vec()));
+        assert_eq!(*generated::RAN.lock().unwrap(), ["init", "reseed", "setup"]);
     }
 }

@@ -1,7 +1,11 @@
-//! The daemon's imports (module `wasm_task`), behind safe functions.
+//! The daemon's imports (module `wasm_task`, and WASI's `random_get`),
+//! behind safe functions.
 //!
-//! Natively there is no daemon: the functions do nothing, so guest crates
-//! and their unit tests build and run on the developer's machine.
+//! Natively there is no daemon: the functions do nothing, or stand in with
+//! what the native standard library offers, so guest crates and their unit
+//! tests build and run on the developer's machine.
+
+use std::io;
 
 #[cfg(target_family = "wasm")]
 mod imports {
@@ -30,6 +34,15 @@ mod imports {
 
         /// Sets the text the daemon reports if the guest traps in this export.
         pub(super) fn trap_message(ptr: *const u8, len: usize);
+    }
+
+    #[link(wasm_import_module = "wasi_snapshot_preview1")]
+    unsafe extern "C" {
+        /// Fills `len` bytes at `buf` with random bytes; returns a WASI errno.
+        ///
+        /// The wasm signature, `(i32, i32) -> i32`, is the one the standard
+        /// library and `getrandom` declare too, so the linker merges them.
+        pub(super) fn random_get(buf: *mut u8, len: usize) -> i32;
     }
 }
 
@@ -80,3 +93,34 @@ pub(crate) fn trap_message(text: &str) {
 /// Tells the daemon what to report if the guest traps: without one, nothing.
 #[cfg(not(target_family = "wasm"))]
 pub(crate) fn trap_message(_text: &str) {}
+
+/// Fills `buf` with random bytes from WASI's `random_get`.
+///
+/// The error is WASI's errno, which `std` on wasm32-wasip1 reads as a raw OS
+/// error, so it prints as the errno's description.
+#[cfg(target_family = "wasm")]
+pub(crate) fn random_get(buf: &mut [u8]) -> io::Result<()> {
+    // SAFETY: the pointer addresses a live, writable buffer of the given
+    // length, and the host writes nothing outside it.
+    let errno = unsafe { imports::random_get(buf.as_mut_ptr(), buf.len()) };
+    match errno {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// Fills `buf` with bytes from the native standard library's hash keys.
+///
+/// Each [`RandomState`](std::hash::RandomState) hashes differently, so the
+/// bytes differ from call to call. They are not fit for cryptography, but
+/// native builds only compile and unit-test guests; they never serve calls.
+#[cfg(not(target_family = "wasm"))]
+pub(crate) fn random_get(buf: &mut [u8]) -> io::Result<()> {
+    use std::hash::{BuildHasher, RandomState};
+
+    for chunk in buf.chunks_mut(8) {
+        let word = RandomState::new().hash_one(()).to_le_bytes();
+        chunk.copy_from_slice(&word[..chunk.len()]);
+    }
+    Ok(())
+}

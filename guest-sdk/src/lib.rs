@@ -10,10 +10,19 @@
 //!   MessagePack value and are decoded into `A`; the result is encoded back
 //!   with structs as maps. An `Err` reaches the caller as an error reply with
 //!   the text of `E`, and the worker stays usable.
-//! - `setup` runs once per worker before it serves anything; if it fails,
-//!   the worker refuses its connection. `checkout_done` runs each time a
-//!   client releases the worker. Both are optional; leave a key out and its
-//!   export is not generated, so the daemon does not call it.
+//! - Hooks run the guest's code outside calls. All are optional; leave a key
+//!   out and its export is not generated, so the daemon does not call it.
+//!   - `init` runs once per module, before its workers exist: the daemon
+//!     runs it in a *zygote* process and forks every worker from that, so
+//!     what it builds in memory (and the files it opens) is done once and
+//!     shared copy-on-write. When the daemon runs a module without a zygote,
+//!     init runs once in each worker instead. If it fails, no worker of the
+//!     module starts.
+//!   - `reseed` runs in every worker, first thing in setup, with 32 fresh
+//!     random bytes: the place to re-seed what `init` seeded.
+//!   - `setup` runs once per worker before it serves anything; if it fails,
+//!     the worker refuses its connection.
+//!   - `checkout_done` runs each time a client releases the worker.
 //! - The [`log`] macros work: records travel to the client with the reply of
 //!   the call that made them, with their key-value fields
 //!   (`log::info!(user = name, tries = 3; "login failed")`; values are sent
@@ -23,7 +32,30 @@
 //!   should survive.
 //!
 //! State kept in statics lives as long as the worker, across calls and
-//! checkouts, and is never shared with another worker.
+//! checkouts. A worker starts from what `init` left in them and then has its
+//! own copy: what one worker writes, no other worker sees.
+//!
+//! # Init, reseed or setup?
+//!
+//! Put in `init` the work whose result is the same for every worker, such
+//! as reading and parsing data files or building tables: done once, it
+//! makes every worker start faster, and the memory it fills stays shared
+//! until a worker writes to it. Put in `setup` what each worker must have
+//! for itself, such as an id drawn at random.
+//!
+//! Randomness drawn in `init` is drawn once, so it is the same in every
+//! worker: a generator seeded there, a keyed hasher, an id. Give `reseed` a
+//! function that re-seeds such state from the bytes it gets. Random bytes
+//! read from setup on (`getrandom`, [`fresh_seed`]) already differ between
+//! workers.
+//!
+//! One seed cannot be reached: the keys of std's `HashMap` and `HashSet`
+//! (their default `RandomState`). std draws them once, when the first such
+//! map or set is made, and derives every later one's keys from them. If
+//! `init` makes one, every map of every worker, even those made in setup,
+//! gets keys its sibling workers share. Where that matters (maps keyed by
+//! untrusted input), make no such map before the fork, or give them a
+//! hasher whose keys `reseed` sets.
 //!
 //! # Example
 //!
@@ -76,9 +108,10 @@
 //! - `memory`: the request buffers the daemon asks for and hands back,
 //! - `dispatch`: finding a method, decoding its arguments, encoding its result,
 //! - `reply`: the reply record and bytes the daemon reads after each call,
-//! - `host`: the daemon's imports, with no-op stand-ins on native targets so
-//!   guest crates build and unit-test natively,
-//! - `logger` and `panic`: forwarding `log` records and panic messages.
+//! - `host`: the daemon's imports and WASI's `random_get`, with stand-ins on
+//!   native targets so guest crates build and unit-test natively,
+//! - `logger` and `panic`: forwarding `log` records and panic messages,
+//! - `seed`: [`fresh_seed`], random bytes that differ between workers.
 
 mod dispatch;
 mod entry;
@@ -87,9 +120,11 @@ mod logger;
 mod memory;
 mod panic;
 mod reply;
+mod seed;
 
 /// The `log` crate, re-exported so that guests need no dependency of their own.
 pub use log;
+pub use seed::fresh_seed;
 
 /// Generates the ABI exports of a worker module from a list of methods.
 ///
@@ -99,6 +134,16 @@ pub use log;
 ///   function is a `fn(A) -> Result<R, E>` with `A: serde::de::DeserializeOwned`,
 ///   `R: serde::Serialize` and `E: std::fmt::Display` (a closure works too).
 ///   A method without arguments takes `()`, which callers send as nil.
+/// - `init: function` (optional): a `fn() -> Result<(), E>` run once per
+///   module before any worker starts, in the zygote the daemon forks workers
+///   from (once per worker when the daemon runs the module without one).
+///   What it leaves in memory and the files it leaves open are every
+///   worker's starting point. If it fails, no worker of the module starts.
+/// - `reseed: function` (optional): a `fn([u8; 32])` run in every worker at
+///   the start of its setup, before `setup`, with 32 fresh bytes from WASI's
+///   `random_get` (see [`fresh_seed`]). Re-seed there whatever `init`
+///   seeded; without it, every worker forked from the zygote has the same
+///   seed. If the bytes cannot be read, setup fails.
 /// - `setup: function` (optional): a `fn() -> Result<(), E>` run once per
 ///   worker before its first call.
 /// - `checkout_done: function` (optional): a `fn() -> Result<(), E>` run each
@@ -106,11 +151,12 @@ pub use log;
 ///   client makes a round trip to the worker for it on every checkout.
 ///
 /// The exports are `wasm_task_abi_v1`, `wasm_task_alloc`, `wasm_task_call`,
-/// `wasm_task_methods`, and `wasm_task_setup` and `wasm_task_checkout_done`
-/// when their keys are given. A method name that is empty, contains a
-/// newline or is given twice fails the build.
+/// `wasm_task_methods`; `wasm_task_init` and `wasm_task_checkout_done` when
+/// their keys are given; and `wasm_task_setup` when `reseed`, `setup` or
+/// both are given. A method name that is empty, contains a newline or is
+/// given twice fails the build.
 ///
-/// # Example
+/// # Examples
 ///
 /// ```
 /// fn double(n: i64) -> Result<i64, String> {
@@ -121,10 +167,53 @@ pub use log;
 ///     methods: { "double" => double },
 /// }
 /// ```
+///
+/// A word list built once in `init`, and a generator that `reseed` makes
+/// different in every worker:
+///
+/// ```
+/// use std::sync::Mutex;
+///
+/// static WORDS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// static STATE: Mutex<u64> = Mutex::new(1);
+///
+/// fn init() -> Result<(), String> {
+///     // In a real guest: read from a preopened directory, which init may.
+///     let text = "apple banana cherry damson";
+///     *WORDS.lock().unwrap() = text.split(' ').map(str::to_owned).collect();
+///     Ok(())
+/// }
+///
+/// fn reseed(seed: [u8; 32]) {
+///     let word = u64::from_le_bytes(seed[..8].try_into().expect("8 bytes"));
+///     // xorshift needs a state other than 0.
+///     *STATE.lock().unwrap() = word | 1;
+/// }
+///
+/// fn pick(_: ()) -> Result<String, String> {
+///     let mut state = STATE.lock().unwrap();
+///     *state ^= *state << 13;
+///     *state ^= *state >> 7;
+///     *state ^= *state << 17;
+///     let words = WORDS.lock().unwrap();
+///     if words.is_empty() {
+///         return Err("no words loaded".to_owned());
+///     }
+///     Ok(words[(*state % words.len() as u64) as usize].clone())
+/// }
+///
+/// wasm_task_guest::export! {
+///     methods: { "pick" => pick },
+///     init: init,
+///     reseed: reseed,
+/// }
+/// ```
 #[macro_export]
 macro_rules! export {
     (
         methods: { $($name:literal => $method:expr),* $(,)? }
+        $(, init: $init:expr)?
+        $(, reseed: $reseed:expr)?
         $(, setup: $setup:expr)?
         $(, checkout_done: $checkout_done:expr)?
         $(,)?
@@ -161,10 +250,12 @@ macro_rules! export {
 
             $(
                 #[unsafe(no_mangle)]
-                extern "C" fn wasm_task_setup() -> i32 {
-                    $crate::__private::hook($setup)
+                extern "C" fn wasm_task_init() -> i32 {
+                    $crate::__private::hook($init)
                 }
             )?
+
+            $crate::__export_setup! { [$($reseed)?] [$($setup)?] }
 
             $(
                 #[unsafe(no_mangle)]
@@ -176,10 +267,31 @@ macro_rules! export {
     };
 }
 
+/// Generates `wasm_task_setup` for [`export!`] when `reseed`, `setup` or
+/// both are given; not a stable API.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_setup {
+    // Neither key: no export, so the daemon makes no call.
+    ([] []) => {};
+    ([$($reseed:expr)?] [$($setup:expr)?]) => {
+        #[unsafe(no_mangle)]
+        extern "C" fn wasm_task_setup() -> i32 {
+            $crate::__private::hook(|| {
+                // Reseeding comes first, so setup already draws from
+                // generators that differ between workers.
+                $($crate::__private::reseed($reseed)?;)?
+                $($crate::__private::setup_step($setup)?;)?
+                ::std::result::Result::<(), ::std::string::String>::Ok(())
+            })
+        }
+    };
+}
+
 /// What the code generated by [`export!`] calls; not a stable API.
 #[doc(hidden)]
 pub mod __private {
     pub use crate::dispatch::{Method, check_names, run_method};
-    pub use crate::entry::{alloc, call, hook, methods};
+    pub use crate::entry::{alloc, call, hook, methods, reseed, setup_step};
     pub use crate::reply::Status;
 }

@@ -11,7 +11,7 @@ use wasm_task::Address;
 use wasm_task::daemon::harden::Identity;
 use wasm_task::daemon::seccomp::Mode;
 use wasm_task::daemon::settings::{
-    self, ArgSpec, EnvSpec, Limit, LimitSpec, SeedSpec, SettingSpecs,
+    self, ArgSpec, EnvSpec, Limit, LimitSpec, SeedSpec, SettingSpecs, SpawnSpec,
 };
 use wasm_task::daemon::{self, Config, DirSpec, ModuleSpec};
 use wasm_task::protocol::DEFAULT_MAX_FRAME;
@@ -67,6 +67,12 @@ struct ServeArgs {
     #[arg(long = "deterministic", value_name = "SPEC")]
     deterministic: Vec<SeedSpec>,
 
+    /// How workers start: `[MODULE:]zygote` (forked from a process that ran
+    /// the guest's init hook once; the default) or `[MODULE:]fork` (each
+    /// worker instantiates and initializes the guest itself); repeatable.
+    #[arg(long = "spawn", value_name = "SPEC")]
+    spawn: Vec<SpawnSpec>,
+
     /// Largest frame accepted from a client or sent to it, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_FRAME)]
     max_frame: usize,
@@ -117,8 +123,13 @@ impl ServeArgs {
                 .ok_or_else(|| anyhow::anyhow!("--max-memory-mib {mib} is too large"))?;
             limits.insert(0, LimitSpec { module: None, limit: Limit::Memory(bytes) });
         }
-        let settings =
-            SettingSpecs { limits, env: self.env, args: self.args, seeds: self.deterministic };
+        let settings = SettingSpecs {
+            limits,
+            env: self.env,
+            args: self.args,
+            seeds: self.deterministic,
+            spawn: self.spawn,
+        };
         Ok(Config {
             dirs: self.dirs,
             settings,

@@ -21,10 +21,21 @@ fn workers_run_under_a_system_call_filter_without_new_privileges() {
     let daemon = spin_daemon(&[]);
     let worker = RawWorker::connect(&daemon, "spin");
     assert_eq!(proc_status(worker.pid, "Seccomp").as_deref(), Some("2"), "filter mode");
-    assert_eq!(proc_status(worker.pid, "Seccomp_filters").as_deref(), Some("1"));
+    // The zygote's filter (which allows forking a worker), and the worker's
+    // own on top (which does not).
+    assert_eq!(proc_status(worker.pid, "Seccomp_filters").as_deref(), Some("2"));
     assert_eq!(proc_status(worker.pid, "NoNewPrivs").as_deref(), Some("1"));
+    let zygote = crate::harness::zygotes(daemon.pid());
+    assert_eq!(zygote.len(), 1, "one zygote for the one module");
+    assert_eq!(proc_status(zygote[0], "Seccomp_filters").as_deref(), Some("1"));
     // The daemon itself is not filtered.
     assert_eq!(proc_status(daemon.pid(), "Seccomp").as_deref(), Some("0"));
+
+    // A plainly forked worker has just the worker filter.
+    let daemon = spin_daemon(&["--spawn=fork"]);
+    let worker = RawWorker::connect(&daemon, "spin");
+    assert_eq!(proc_status(worker.pid, "Seccomp_filters").as_deref(), Some("1"));
+    assert!(crate::harness::zygotes(daemon.pid()).is_empty());
 }
 
 #[test]

@@ -210,11 +210,26 @@ pub fn signal(pid: u32, sig: i32) {
     unsafe { libc::kill(pid as i32, sig) };
 }
 
-/// Direct children of `pid`.
+/// Worker processes among the children of `pid` (its zygotes left out).
 pub fn children(pid: u32) -> Vec<u32> {
+    all_children(pid).into_iter().filter(|&c| !is_zygote(c)).collect()
+}
+
+/// The zygotes among the children of `pid`.
+#[allow(dead_code)]
+pub fn zygotes(pid: u32) -> Vec<u32> {
+    all_children(pid).into_iter().filter(|&c| is_zygote(c)).collect()
+}
+
+fn all_children(pid: u32) -> Vec<u32> {
     let path = format!("/proc/{pid}/task/{pid}/children");
     let text = fs::read_to_string(path).unwrap_or_default();
     text.split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+/// Whether `pid` is a zygote (by the name it gives itself), not a worker.
+fn is_zygote(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("wz:"))
 }
 
 /// The state letter of a process (`R`, `S`, `Z`, ...), or `None` if it is gone.

@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
-use rand::rngs::StdRng;
+use rand::rand_core::UnwrapErr;
+use rand::rngs::{StdRng, SysRng};
 use wasmtime::{
     Caller, Extern, Instance, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc,
     WasmBacktrace,
@@ -354,6 +355,21 @@ impl Guest {
         Ok(text.split('\n').filter(|m| !m.is_empty()).map(str::to_owned).collect())
     }
 
+    /// Runs the guest's init hook, if it has one: once per zygote, or once
+    /// per worker when the module's workers are plain forks.
+    pub fn init(&mut self, module: &LoadedModule) -> Result<(), ErrorReply> {
+        if module.exports.init {
+            self.hook("wasm_task_init").map_err(|mut e| {
+                if e.kind == ErrorKind::GuestError {
+                    e.kind = ErrorKind::SetupFailed;
+                }
+                e.message = format!("init hook: {}", e.message);
+                e
+            })?;
+        }
+        Ok(())
+    }
+
     /// Runs the guest's setup hook, if it has one.
     pub fn setup(&mut self, module: &LoadedModule) -> Result<(), ErrorReply> {
         if module.exports.setup {
@@ -565,8 +581,9 @@ fn new_state(module: &LoadedModule, log_limit: usize) -> anyhow::Result<HostStat
     wasi.allow_blocking_current_thread(true);
     wasi.stdout(stdout.clone()).stderr(stderr.clone());
     wasi.envs(&settings.env).args(&settings.args);
-    if let Some(seed) = settings.seed {
-        make_deterministic(&mut wasi, seed);
+    match settings.seed {
+        Some(seed) => make_deterministic(&mut wasi, seed),
+        None => draw_from_the_kernel(&mut wasi),
     }
     for dir in &module.dirs {
         let perms = if dir.spec.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
@@ -587,6 +604,17 @@ fn new_state(module: &LoadedModule, log_limit: usize) -> anyhow::Result<HostStat
         stdout,
         stderr,
     })
+}
+
+/// Random numbers straight from the kernel, at each draw.
+///
+/// WASI's default generators keep their state in this process's memory, so
+/// every worker forked from one zygote would draw the same numbers; the
+/// kernel's come out different in every process. (The `insecure-seed`
+/// value is fixed when the context is built; WASI preview 1 has no way to
+/// read it.)
+fn draw_from_the_kernel(wasi: &mut WasiCtxBuilder) {
+    wasi.secure_random(UnwrapErr(SysRng)).insecure_random(UnwrapErr(SysRng));
 }
 
 /// Fixed clocks and random numbers drawn from `seed`, for runs that repeat.

@@ -10,10 +10,11 @@
 //! clients see a slow connect, bounded by their own timeouts) and are
 //! accepted as workers exit.
 
+use std::collections::{HashSet, VecDeque};
 use std::fs;
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -22,17 +23,22 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, signal};
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, kill, signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::stat::{Mode, umask};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::{ForkResult, fork};
-use tracing::{error, info, warn};
+use nix::unistd::{ForkResult, Pid, fork};
+use tracing::{debug, error, info, warn};
 
+use super::hello::{self, Hello, Pending, Progress, printable};
 use super::modules::Modules;
-use super::worker::{self, Stream};
+use super::settings::Spawn;
+use super::worker::{self, Start, Stream};
+use super::zygote::{self, Handoff, Report};
 use super::{Config, harden, seccomp, title};
 use crate::Address;
+use crate::protocol::{ErrorKind, ErrorReply};
 
 /// Runs the daemon until SIGTERM or SIGINT.
 ///
@@ -43,6 +49,7 @@ use crate::Address;
 pub fn serve(config: Config) -> anyhow::Result<()> {
     check_config(&config)?;
     let filter = seccomp::Filter::new(config.seccomp);
+    let zygote_filter = seccomp::Filter::for_zygote(config.seccomp);
     if config.seccomp != seccomp::Mode::Off && filter.is_none() {
         bail!("system-call filters are not built for this architecture; pass --seccomp off");
     }
@@ -56,7 +63,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         signals.add(s);
     }
     let old_mask = signals.thread_swap_mask(SigmaskHow::SIG_BLOCK).context("blocking signals")?;
-    let mut sfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+    let sfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .context("creating signalfd")?;
 
     title::prepare();
@@ -76,52 +83,59 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         "listening"
     );
     for m in &modules.modules {
-        info!(module = %m.name, limits = %m.settings.limits, "module limits");
+        info!(module = %m.name, limits = %m.settings.limits, spawn = %m.settings.spawn, "module settings");
     }
-    let worker = WorkerStart {
+    let start = ChildStart {
         modules: &modules,
         options: worker::Options {
             max_frame: config.max_frame,
             hung_timeout: config.hung_timeout,
             filter: filter.as_ref(),
         },
+        zygote_filter: zygote_filter.as_ref(),
         identity: config.identity,
         mask: &old_mask,
         dev_null: dev_null.as_ref(),
     };
-
-    let (mut live, mut cap_warned): (usize, Option<Instant>) = (0, None);
-    loop {
-        let at_cap = live >= config.max_workers;
-        let (accept, signal) = wait_readable((!at_cap).then(|| listener.fd()), sfd.as_fd())?;
-        if signal {
-            let (stop, reaped) = handle_signals(&mut sfd)?;
-            live -= reaped.min(live);
-            if stop {
-                break;
-            }
-        }
-        if accept {
-            live += accept_all(&listener, &worker, config.max_workers - live);
-            // Once a minute at most: a daemon kept at its cap would
-            // otherwise say so at every worker start.
-            if live >= config.max_workers && cap_warned.is_none_or(|t| t.elapsed() > CAP_WARNING) {
-                warn!(
-                    max_workers = config.max_workers,
-                    "at the worker cap; new connections wait until a worker exits"
-                );
-                cap_warned = Some(Instant::now());
-            }
+    let zygotes = modules
+        .modules
+        .iter()
+        .map(|m| (m.settings.spawn == Spawn::Zygote).then(Zygote::default))
+        .collect();
+    let mut daemon = Daemon {
+        max_workers: config.max_workers,
+        listener,
+        sfd,
+        start,
+        pending: Vec::new(),
+        zygotes,
+        workers: HashSet::new(),
+        reaped_early: HashSet::new(),
+        reports: vec![0; zygote::MAX_MESSAGE],
+        cap_warned: None,
+    };
+    for index in 0..daemon.zygotes.len() {
+        if daemon.zygotes[index].is_some() {
+            daemon.start_zygote(index);
         }
     }
+    daemon.run()?;
 
     info!("stop signal received; no longer accepting, running workers finish on their own");
-    listener.remove_socket_file();
+    daemon.stop_zygotes();
+    daemon.listener.remove_socket_file();
     Ok(())
 }
 
 /// Least time between two warnings that the worker cap is reached.
 const CAP_WARNING: Duration = Duration::from_secs(60);
+
+/// First wait before restarting a failed zygote; it doubles with each
+/// failure in a row, up to [`ZYGOTE_BACKOFF_MAX`].
+const ZYGOTE_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Longest wait before restarting a failed zygote.
+const ZYGOTE_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// Refuses settings the daemon cannot honour on this host.
 fn check_config(config: &Config) -> anyhow::Result<()> {
@@ -137,117 +151,545 @@ fn check_config(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What every forked worker starts from.
-struct WorkerStart<'a> {
+/// What every forked worker and zygote starts from.
+struct ChildStart<'a> {
     modules: &'a Modules,
     options: worker::Options<'a>,
+    /// The filter zygotes install (a worker's, plus forking).
+    zygote_filter: Option<&'a seccomp::Filter>,
     identity: Option<harden::Identity>,
-    /// The signal mask the daemon started with, restored in workers.
+    /// The signal mask the daemon started with, restored in children.
     mask: &'a SigSet,
     dev_null: Option<&'a OwnedFd>,
 }
 
-/// Blocks until the listener (when given) or the signalfd is readable.
-fn wait_readable(
-    listener: Option<BorrowedFd<'_>>,
-    signals: BorrowedFd<'_>,
-) -> anyhow::Result<(bool, bool)> {
-    let mut fds = vec![PollFd::new(signals, PollFlags::POLLIN)];
-    fds.extend(listener.map(|l| PollFd::new(l, PollFlags::POLLIN)));
-    loop {
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => break,
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e).context("waiting for connections"),
-        }
-    }
-    let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
-    Ok((fds.get(1).is_some_and(ready), ready(&fds[0])))
+/// The daemon's state between two turns of its loop.
+struct Daemon<'a> {
+    max_workers: usize,
+    listener: Listener,
+    sfd: SignalFd,
+    start: ChildStart<'a>,
+    /// Connections whose hello is still arriving.
+    pending: Vec<Pending>,
+    /// Per module, in the modules' order: its zygote, or `None` when its
+    /// workers are plain forks.
+    zygotes: Vec<Option<Zygote>>,
+    /// Worker processes alive (the daemon's children either way).
+    workers: HashSet<i32>,
+    /// Workers reaped before their zygote reported forking them.
+    reaped_early: HashSet<i32>,
+    /// Buffer for zygotes' reports.
+    reports: Vec<u8>,
+    cap_warned: Option<Instant>,
 }
 
-/// Reads pending signals, reaping children; returns whether to stop and
-/// how many workers ended.
-fn handle_signals(sfd: &mut SignalFd) -> anyhow::Result<(bool, usize)> {
-    let (mut stop, mut reaped) = (false, 0);
-    while let Some(info) = sfd.read_signal().context("reading signalfd")? {
-        match Signal::try_from(info.ssi_signo as i32) {
-            Ok(Signal::SIGCHLD) => reaped += reap_children(),
-            Ok(sig @ (Signal::SIGTERM | Signal::SIGINT)) => {
-                info!(signal = %sig, "received stop signal");
-                stop = true;
-            }
-            _ => {}
-        }
-    }
-    Ok((stop, reaped))
+/// A module's zygote as the daemon sees it.
+#[derive(Default)]
+struct Zygote {
+    state: ZygoteState,
+    /// Connections waiting for the zygote to become ready or for its socket
+    /// to take them, in arrival order.
+    queue: VecDeque<(OwnedFd, Handoff)>,
+    /// Failures in a row, for the back-off.
+    failures: u32,
+    /// Why the running zygote said it failed.
+    error: Option<String>,
 }
 
-/// Collects every exited child, so none lingers as a zombie; returns how
-/// many there were.
-fn reap_children() -> usize {
-    let mut reaped = 0;
-    loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => {
-                reaped += 1;
-                info!(worker.pid = pid.as_raw(), code, "worker exited")
-            }
-            Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                reaped += 1;
-                info!(worker.pid = pid.as_raw(), signal = %sig, "worker killed")
-            }
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return reaped,
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(e) => {
-                warn!(error = %e, "waitpid failed");
-                return reaped;
-            }
-        }
-    }
+#[derive(Default)]
+enum ZygoteState {
+    /// A zygote process exists.
+    Up {
+        pid: i32,
+        /// The daemon's end of the socket shared with it (non-blocking).
+        sock: OwnedFd,
+        /// Whether its guest is built and it takes connections.
+        ready: bool,
+        /// Connections handed over that it has not yet reported on.
+        unacked: usize,
+        /// Whether it closed its end.
+        closed: bool,
+    },
+    /// No zygote runs; one starts again at `restart_at`.
+    Down { restart_at: Instant, reason: String },
+    /// Not started yet.
+    #[default]
+    New,
 }
 
-/// Accepts pending connections, forking a worker for each, up to `room`
-/// of them; returns how many workers it forked.
-fn accept_all(listener: &Listener, start: &WorkerStart<'_>, room: usize) -> usize {
-    let mut forked = 0;
-    while forked < room {
-        let stream = match listener.accept() {
-            Ok(s) => s,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                // Out of descriptors or similar. The connection stays queued
-                // and the listener stays readable, so pause before the next
-                // try instead of spinning (and flooding the log).
-                error!(error = %e, "accepting a connection failed; pausing 100 ms");
-                std::thread::sleep(Duration::from_millis(100));
-                break;
+/// Which descriptors polled ready, by kind.
+#[derive(Default)]
+struct Events {
+    signal: bool,
+    accept: bool,
+    /// Zygote indices whose socket is readable or writable.
+    zygotes: Vec<usize>,
+    /// Indices into `pending` that are readable.
+    pending: Vec<usize>,
+}
+
+impl Daemon<'_> {
+    fn run(&mut self) -> anyhow::Result<()> {
+        loop {
+            let events = self.wait()?;
+            if events.signal && self.handle_signals()? {
+                return Ok(());
+            }
+            for index in events.zygotes {
+                self.read_reports(index);
+                self.flush(index);
+            }
+            self.read_hellos(&events.pending);
+            if events.accept {
+                self.accept_all();
+            }
+            self.run_timers();
+        }
+    }
+
+    /// Slots of `max_workers` taken: live workers, and connections on
+    /// their way to becoming workers.
+    fn used(&self) -> usize {
+        let zygotes: usize = self
+            .zygotes
+            .iter()
+            .flatten()
+            .map(|z| {
+                z.queue.len()
+                    + if let ZygoteState::Up { unacked, .. } = z.state { unacked } else { 0 }
+            })
+            .sum();
+        self.workers.len() + self.pending.len() + zygotes
+    }
+
+    /// Blocks until something needs the loop's attention.
+    fn wait(&self) -> anyhow::Result<Events> {
+        let now = Instant::now();
+        let room = self.used() < self.max_workers;
+        let mut fds = vec![PollFd::new(self.sfd.as_fd(), PollFlags::POLLIN)];
+        if room {
+            fds.push(PollFd::new(self.listener.fd(), PollFlags::POLLIN));
+        }
+        let mut zygote_at = Vec::new();
+        for (index, z) in self.zygotes.iter().enumerate() {
+            let Some(Zygote {
+                state: ZygoteState::Up { sock, ready, closed: false, .. },
+                queue,
+                ..
+            }) = z
+            else {
+                continue;
+            };
+            let mut flags = PollFlags::POLLIN;
+            if *ready && !queue.is_empty() {
+                flags |= PollFlags::POLLOUT;
+            }
+            fds.push(PollFd::new(sock.as_fd(), flags));
+            zygote_at.push(index);
+        }
+        let first_pending = fds.len();
+        fds.extend(self.pending.iter().map(|p| PollFd::new(p.fd(), PollFlags::POLLIN)));
+
+        let timeout = match self.next_timer() {
+            None => PollTimeout::NONE,
+            Some(at) => {
+                let ms = at.saturating_duration_since(now).as_millis().saturating_add(1);
+                PollTimeout::try_from(ms.min(60_000) as u32).unwrap_or(PollTimeout::MAX)
             }
         };
+        loop {
+            match poll(&mut fds, timeout) {
+                Ok(_) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e).context("waiting for connections"),
+            }
+        }
+        let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+        let zygote_events = first_pending - zygote_at.len();
+        Ok(Events {
+            signal: ready(&fds[0]),
+            accept: room && ready(&fds[1]),
+            zygotes: zygote_at
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| ready(&fds[zygote_events + i]))
+                .map(|(_, &index)| index)
+                .collect(),
+            pending: (0..self.pending.len()).filter(|i| ready(&fds[first_pending + i])).collect(),
+        })
+    }
+
+    /// The earliest moment something is due: a hello's deadline or a
+    /// zygote's restart.
+    fn next_timer(&self) -> Option<Instant> {
+        let hellos = self.pending.iter().map(|p| p.deadline);
+        let restarts = self.zygotes.iter().flatten().filter_map(|z| match z.state {
+            ZygoteState::Down { restart_at, .. } => Some(restart_at),
+            _ => None,
+        });
+        hellos.chain(restarts).min()
+    }
+
+    /// Reads pending signals and reaps children; returns whether to stop.
+    fn handle_signals(&mut self) -> anyhow::Result<bool> {
+        let mut stop = false;
+        while let Some(info) = self.sfd.read_signal().context("reading signalfd")? {
+            match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGCHLD) => self.reap_children(),
+                Ok(sig @ (Signal::SIGTERM | Signal::SIGINT)) => {
+                    info!(signal = %sig, "received stop signal");
+                    stop = true;
+                }
+                _ => {}
+            }
+        }
+        Ok(stop)
+    }
+
+    /// Collects every exited child, so none lingers as a zombie.
+    fn reap_children(&mut self) {
+        loop {
+            let (pid, how) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    (pid.as_raw(), format!("exited with code {code}"))
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    (pid.as_raw(), format!("was killed by {sig}"))
+                }
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!(error = %e, "waitpid failed");
+                    return;
+                }
+            };
+            let zygote = self.zygotes.iter().position(|z| {
+                matches!(z, Some(Zygote { state: ZygoteState::Up { pid: p, .. }, .. }) if *p == pid)
+            });
+            if let Some(index) = zygote {
+                self.zygote_down(index, &how);
+            } else if self.workers.remove(&pid) {
+                info!(worker.pid = pid, "worker {how}");
+            } else {
+                // Its zygote has not reported it yet.
+                info!(worker.pid = pid, "worker {how}");
+                self.reaped_early.insert(pid);
+            }
+        }
+    }
+
+    /// Advances the hellos whose sockets are readable, routing the finished ones.
+    fn read_hellos(&mut self, readable: &[usize]) {
+        if readable.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let mut readable = readable.iter().peekable();
+        for (i, mut p) in pending.into_iter().enumerate() {
+            if readable.next_if_eq(&&i).is_none() {
+                self.pending.push(p);
+                continue;
+            }
+            match p.advance() {
+                Progress::Waiting => self.pending.push(p),
+                Progress::Gone => debug!("a client left before finishing its hello"),
+                Progress::Bad(e) => p.refuse(e),
+                Progress::Done(hello) => self.route(p, hello),
+            }
+        }
+    }
+
+    /// Accepts pending connections, as many as the worker cap leaves room for.
+    fn accept_all(&mut self) {
+        while self.used() < self.max_workers {
+            let stream = match self.listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors or similar. The connection stays queued
+                    // and the listener stays readable, so pause before the next
+                    // try instead of spinning (and flooding the log).
+                    error!(error = %e, "accepting a connection failed; pausing 100 ms");
+                    std::thread::sleep(Duration::from_millis(100));
+                    break;
+                }
+            };
+            // The hello often arrives with the connection: no need to wait
+            // for the next turn of the loop to read it.
+            let mut p = Pending::new(stream, Instant::now());
+            match p.advance() {
+                Progress::Waiting => self.pending.push(p),
+                Progress::Gone => debug!("a client left before finishing its hello"),
+                Progress::Bad(e) => p.refuse(e),
+                Progress::Done(hello) => self.route(p, hello),
+            }
+        }
+        // Once a minute at most: a daemon kept at its cap would otherwise
+        // say so at every worker start.
+        if self.used() >= self.max_workers
+            && self.cap_warned.is_none_or(|t| t.elapsed() > CAP_WARNING)
+        {
+            warn!(
+                max_workers = self.max_workers,
+                "at the worker cap; new connections wait until a worker exits"
+            );
+            self.cap_warned = Some(Instant::now());
+        }
+    }
+
+    /// Gives a connection whose hello is in to a worker of its module.
+    fn route(&mut self, pending: Pending, hello: Hello) {
+        let modules = self.start.modules;
+        let Some(index) = modules.modules.iter().position(|m| m.name == hello.module) else {
+            let served: Vec<_> = modules.modules.iter().map(|m| m.name.as_str()).collect();
+            let message = format!(
+                "the daemon serves no module {:?} (it serves: {})",
+                printable(&hello.module),
+                served.join(", ")
+            );
+            return pending.refuse(ErrorReply {
+                kind: ErrorKind::UnknownModule,
+                message,
+                backtrace: None,
+            });
+        };
+        if let Some(Zygote { state: ZygoteState::Down { restart_at, reason }, .. }) =
+            &self.zygotes[index]
+        {
+            let error = zygote_down_error(&modules.modules[index].name, reason, *restart_at);
+            return pending.refuse(error);
+        }
+        let stream = match pending.into_stream() {
+            Ok(s) => s,
+            Err(e) => return warn!(error = %e, "a connection became unusable"),
+        };
+        match &mut self.zygotes[index] {
+            None => self.fork_worker(stream, index, hello),
+            Some(z) => {
+                let unix = stream.is_unix();
+                z.queue.push_back((stream.into_fd(), Handoff { client: hello.client, unix }));
+                self.flush(index);
+            }
+        }
+    }
+
+    /// Forks a worker that builds its guest itself.
+    fn fork_worker(&mut self, stream: Stream, index: usize, hello: Hello) {
+        let module = &self.start.modules.modules[index];
         // SAFETY: this process is single-threaded here (see the module docs),
         // so the child starts with consistent memory; the child never returns
-        // from `become_worker`.
+        // from `worker::run`.
         match unsafe { fork() } {
-            Ok(ForkResult::Child) => become_worker(stream, start),
+            Ok(ForkResult::Child) => {
+                enter_child(&self.start, &[stream.raw_fd()]);
+                worker::run(stream, Start::Fresh(module), &hello, self.start.options)
+            }
             Ok(ForkResult::Parent { child }) => {
-                forked += 1;
-                info!(worker.pid = child.as_raw(), "worker forked");
+                info!(worker.pid = child.as_raw(), module = %module.name, "worker forked");
+                self.workers.insert(child.as_raw());
                 // The stream is dropped here: the parent keeps no descriptor
                 // of a worker's connection.
             }
             Err(e) => error!(error = %e, "fork failed; dropping the connection"),
         }
     }
-    forked
+
+    /// Starts the zygote of the module at `index`.
+    fn start_zygote(&mut self, index: usize) {
+        let module = &self.start.modules.modules[index];
+        let (ours, theirs) = match socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        ) {
+            Ok(pair) => pair,
+            Err(e) => return self.zygote_failed_to_start(index, &format!("socketpair: {e}")),
+        };
+        if let Err(e) =
+            nix::fcntl::fcntl(&ours, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+        {
+            return self.zygote_failed_to_start(index, &format!("fcntl: {e}"));
+        }
+        // SAFETY: single-threaded, as for workers; the child never returns
+        // from `zygote::run`.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                enter_child(&self.start, &[theirs.as_raw_fd()]);
+                zygote::run(theirs, module, self.start.options, self.start.zygote_filter)
+            }
+            Ok(ForkResult::Parent { child }) => {
+                info!(zygote.pid = child.as_raw(), module = %module.name, "zygote forked");
+                let z = self.zygotes[index].as_mut().expect("a zygote module");
+                z.state = ZygoteState::Up {
+                    pid: child.as_raw(),
+                    sock: ours,
+                    ready: false,
+                    unacked: 0,
+                    closed: false,
+                };
+            }
+            Err(e) => self.zygote_failed_to_start(index, &format!("fork: {e}")),
+        }
+    }
+
+    fn zygote_failed_to_start(&mut self, index: usize, why: &str) {
+        error!(module = %self.start.modules.modules[index].name, error = why, "could not start a zygote");
+        self.mark_down(index, format!("its zygote could not be started ({why})"));
+    }
+
+    /// Reads what the zygote at `index` has reported.
+    fn read_reports(&mut self, index: usize) {
+        let name = &self.start.modules.modules[index].name;
+        loop {
+            let Some(z) = self.zygotes[index].as_mut() else { return };
+            let ZygoteState::Up { sock, ready, unacked, closed, pid } = &mut z.state else {
+                return;
+            };
+            let report = match zygote::receive_with::<Report>(sock, &mut self.reports) {
+                Ok(Some((report, _))) => report,
+                Ok(None) => {
+                    *closed = true;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn!(module = %name, error = %e, "unreadable report from a zygote; stopping it");
+                    let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+                    *closed = true;
+                    return;
+                }
+            };
+            match report {
+                Report::Ready => {
+                    info!(module = %name, zygote.pid = *pid, "zygote ready");
+                    *ready = true;
+                    z.failures = 0;
+                }
+                Report::Failed(e) => {
+                    warn!(module = %name, error = ?e.message, "zygote could not build the guest");
+                    z.error = Some(e.message);
+                }
+                Report::Spawned(worker) => {
+                    *unacked = unacked.saturating_sub(1);
+                    info!(worker.pid = worker, module = %name, "worker forked from the zygote");
+                    if !self.reaped_early.remove(&worker) {
+                        self.workers.insert(worker);
+                    }
+                }
+                Report::SpawnFailed(e) => {
+                    *unacked = unacked.saturating_sub(1);
+                    warn!(module = %name, error = ?e, "the zygote could not fork a worker");
+                }
+            }
+        }
+    }
+
+    /// Hands the queued connections to the zygote at `index`, as far as it
+    /// is ready and its socket takes them.
+    fn flush(&mut self, index: usize) {
+        let Some(z) = self.zygotes[index].as_mut() else { return };
+        let ZygoteState::Up { sock, ready: true, unacked, closed: false, .. } = &mut z.state else {
+            return;
+        };
+        while let Some((fd, handoff)) = z.queue.front() {
+            match zygote::send_with(sock, handoff, Some(fd)) {
+                Ok(()) => {
+                    *unacked += 1;
+                    z.queue.pop_front();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // The zygote is going away; its end will be reaped and
+                    // the queue refused then.
+                    warn!(error = %e, "handing a connection to the zygote failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The zygote at `index` has ended.
+    fn zygote_down(&mut self, index: usize, how: &str) {
+        // Reports it sent before it ended still count.
+        self.read_reports(index);
+        let z = self.zygotes[index].as_mut().expect("a zygote module");
+        let reason = z.error.take().unwrap_or_else(|| format!("its zygote {how}"));
+        let name = &self.start.modules.modules[index].name;
+        warn!(module = %name, reason = ?reason, "zygote ended");
+        self.mark_down(index, reason);
+    }
+
+    /// Schedules the restart of the zygote at `index` after a failure, and
+    /// refuses the connections waiting for it.
+    fn mark_down(&mut self, index: usize, reason: String) {
+        let name = &self.start.modules.modules[index].name;
+        let z = self.zygotes[index].as_mut().expect("a zygote module");
+        let delay = ZYGOTE_BACKOFF.saturating_mul(1 << z.failures.min(16)).min(ZYGOTE_BACKOFF_MAX);
+        z.failures = z.failures.saturating_add(1);
+        let restart_at = Instant::now() + delay;
+        let error = zygote_down_error(name, &reason, restart_at);
+        for (fd, handoff) in z.queue.drain(..) {
+            let stream = Stream::from_fd(fd, handoff.unix);
+            if stream.set_nonblocking(true).is_ok() {
+                hello::refuse(stream, error.clone());
+            }
+        }
+        z.state = ZygoteState::Down { restart_at, reason };
+    }
+
+    /// Drops hellos past their deadline and restarts zygotes due.
+    fn run_timers(&mut self) {
+        let now = Instant::now();
+        self.pending.retain(|p| {
+            let alive = p.deadline > now;
+            if !alive {
+                info!("a client sent no complete hello in time; closing its connection");
+            }
+            alive
+        });
+        for index in 0..self.zygotes.len() {
+            if let Some(Zygote { state: ZygoteState::Down { restart_at, .. }, .. }) =
+                &self.zygotes[index]
+                && *restart_at <= now
+            {
+                self.start_zygote(index);
+            }
+        }
+    }
+
+    /// Ends every zygote: the daemon is stopping and forks no more workers.
+    fn stop_zygotes(&mut self) {
+        for z in self.zygotes.iter().flatten() {
+            if let ZygoteState::Up { pid, .. } = z.state {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
 }
 
-/// The first steps of a freshly forked child; never returns.
-fn become_worker(stream: Stream, start: &WorkerStart<'_>) -> ! {
-    // The listener, the signalfd and anything the daemon inherited: a worker
-    // keeps only its connection, stderr and the modules' memory images. The
-    // Rust owners of the closed descriptors live on in the parent's frames,
-    // which this process never returns to, so nothing is closed twice.
-    let keep: Vec<RawFd> = start.modules.fds.iter().copied().chain([stream.raw_fd()]).collect();
+/// The refusal a client of a module without a working zygote gets.
+fn zygote_down_error(module: &str, reason: &str, restart_at: Instant) -> ErrorReply {
+    let wait = restart_at.saturating_duration_since(Instant::now()).as_millis();
+    ErrorReply {
+        kind: ErrorKind::SetupFailed,
+        message: format!(
+            "module `{module}` cannot start workers: {reason} (the daemon tries again in {wait} ms)"
+        ),
+        backtrace: None,
+    }
+}
+
+/// The first steps of every freshly forked child, worker or zygote: it
+/// keeps only `keep`, stderr and the modules' memory images of the
+/// descriptors it inherited, and takes on the workers' identity.
+fn enter_child(start: &ChildStart<'_>, keep: &[RawFd]) {
+    // The listener, the signalfd, other clients' connections and anything
+    // the daemon inherited. The Rust owners of the closed descriptors live
+    // on in the parent's frames, which this process never returns to, so
+    // nothing is closed twice.
+    let keep: Vec<RawFd> = start.modules.fds.iter().copied().chain(keep.iter().copied()).collect();
     harden::close_inherited_fds(start.dev_null, &keep);
     // Ctrl-C in a terminal signals the whole process group; a worker finishes
     // its call instead and ends when its client leaves.
@@ -261,7 +703,7 @@ fn become_worker(stream: Stream, start: &WorkerStart<'_>) -> ! {
     if let Some(identity) = start.identity
         && let Err(e) = identity.assume()
     {
-        error!(error = %e, uid = identity.uid.as_raw(), "could not drop privileges; worker exits");
+        error!(error = %e, uid = identity.uid.as_raw(), "could not drop privileges; child exits");
         // SAFETY: ends this forked child without running the parent's
         // exit-time handlers.
         unsafe { libc::_exit(1) }
@@ -269,14 +711,12 @@ fn become_worker(stream: Stream, start: &WorkerStart<'_>) -> ! {
     // fork() copied the parent's random generator state; without this all
     // siblings would draw the same "random" numbers.
     rand::rng().reseed().ok();
-    // WASI's internal runtime (started before the guest runs, see
+    // WASI's internal runtime (started on a guest's first file call, see
     // worker.rs) would otherwise start a thread per core in every worker;
     // one serves a guest that blocks its own thread anyway.
     // SAFETY: this forked child has a single thread, so nothing reads the
     // environment concurrently.
     unsafe { std::env::set_var("TOKIO_WORKER_THREADS", "1") };
-    title::set("wasm-task worker", "wt:worker");
-    worker::run(stream, start.modules, start.options)
 }
 
 /// The listening socket.
@@ -329,12 +769,12 @@ impl Listener {
         let stream = match self {
             Listener::Unix { listener, .. } => {
                 let (s, _) = listener.accept()?;
-                s.set_nonblocking(false)?;
+                s.set_nonblocking(true)?;
                 Stream::Unix(s)
             }
             Listener::Tcp(listener) => {
                 let (s, _) = listener.accept()?;
-                s.set_nonblocking(false)?;
+                s.set_nonblocking(true)?;
                 s.set_nodelay(true)?;
                 Stream::Tcp(s)
             }

@@ -15,6 +15,7 @@
 mod capture;
 pub mod guest;
 pub mod harden;
+mod hello;
 pub mod listener;
 pub mod modules;
 pub mod seccomp;
@@ -22,6 +23,7 @@ pub mod settings;
 mod title;
 mod watchdog;
 pub mod worker;
+mod zygote;
 
 use std::fmt;
 use std::path::PathBuf;

@@ -79,6 +79,8 @@ impl Preopen {
 pub struct OptionalExports {
     /// `_initialize`, the WASI reactor initializer.
     pub initialize: bool,
+    /// `wasm_task_init`, run once before workers are forked from its state.
+    pub init: bool,
     /// `wasm_task_setup`.
     pub setup: bool,
     /// `wasm_task_checkout_done`.
@@ -211,6 +213,7 @@ fn check_exports(module: &Module) -> anyhow::Result<OptionalExports> {
     require_func(module, "wasm_task_call", &[ValType::I32, ValType::I32, ValType::I32], I32)?;
     Ok(OptionalExports {
         initialize: optional_func(module, "_initialize", &[], &[])?,
+        init: optional_func(module, "wasm_task_init", &[], I32)?,
         setup: optional_func(module, "wasm_task_setup", &[], I32)?,
         checkout_done: optional_func(module, "wasm_task_checkout_done", &[], I32)?,
         methods: optional_func(module, "wasm_task_methods", &[], I32)?,

@@ -92,6 +92,10 @@ fn allow_if(nr: libc::c_long, when: &[Cond]) -> Rule {
     Rule { nr, when: when.to_vec(), action: Action::Allow }
 }
 
+/// The flags with which a zygote forks a worker: a new process whose parent
+/// is the zygote's parent, signalling it with `SIGCHLD` when it ends.
+pub const ZYGOTE_CLONE_FLAGS: libc::c_int = libc::CLONE_PARENT | libc::SIGCHLD;
+
 /// `AT_FDCWD` as the low 32 bits of an argument.
 const CWD: u32 = libc::AT_FDCWD as u32;
 /// `PROT_EXEC` as an argument's bits.
@@ -216,13 +220,37 @@ impl Filter {
     /// Builds the filter; `None` when `mode` is [`Mode::Off`] or the
     /// architecture is not supported.
     pub fn new(mode: Mode) -> Option<Filter> {
+        Filter::build(mode, &rules())
+    }
+
+    /// The filter of a zygote: a worker's, plus the one kind of `clone`
+    /// that forks a worker as a sibling (`CLONE_PARENT`, so the daemon is
+    /// its parent). Each forked worker adds the worker filter on top, which
+    /// forbids that call again.
+    pub fn for_zygote(mode: Mode) -> Option<Filter> {
+        let mut rules = rules();
+        rules.push(allow_if(libc::SYS_clone, &[Cond::Eq(0, ZYGOTE_CLONE_FLAGS as u32)]));
+        // What a forked worker needs to add its own filter (which can only
+        // take more away).
+        rules.push(allow_if(libc::SYS_prctl, &[Cond::Eq(0, libc::PR_SET_NO_NEW_PRIVS as u32)]));
+        rules.push(allow_if(
+            libc::SYS_seccomp,
+            &[
+                Cond::Eq(0, libc::SECCOMP_SET_MODE_FILTER),
+                Cond::Eq(1, libc::SECCOMP_FILTER_FLAG_TSYNC as u32),
+            ],
+        ));
+        Filter::build(mode, &rules)
+    }
+
+    fn build(mode: Mode, rules: &[Rule]) -> Option<Filter> {
         let deny = match mode {
             Mode::Errno => libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
             Mode::Kill => libc::SECCOMP_RET_KILL_PROCESS,
             Mode::Off => return None,
         };
         let arch = arch::AUDIT_ARCH?;
-        let (program, pid_steps) = assemble(arch, &rules(), deny);
+        let (program, pid_steps) = assemble(arch, rules, deny);
         Some(Filter { program, pid_steps })
     }
 

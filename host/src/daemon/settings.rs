@@ -236,6 +236,51 @@ impl FromStr for SeedSpec {
     }
 }
 
+/// How the daemon starts a module's workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Spawn {
+    /// From the module's zygote: a process that instantiated the guest and
+    /// ran its `init` hook once; each worker is forked from it with that
+    /// state (the default).
+    #[default]
+    Zygote,
+    /// Straight from the daemon: each worker instantiates the guest and runs
+    /// `init` itself.
+    Fork,
+}
+
+impl fmt::Display for Spawn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Spawn::Zygote => "zygote",
+            Spawn::Fork => "fork",
+        })
+    }
+}
+
+/// `--spawn [MODULE:]zygote|fork`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnSpec {
+    /// The module it applies to, or every module when `None`.
+    pub module: Option<String>,
+    /// How its workers start.
+    pub spawn: Spawn,
+}
+
+impl FromStr for SpawnSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (module, mode) = scoped(s);
+        let spawn = match mode {
+            "zygote" => Spawn::Zygote,
+            "fork" => Spawn::Fork,
+            _ => return Err(format!("spawn mode `{s}` is not of the form [MODULE:]zygote|fork")),
+        };
+        Ok(SpawnSpec { module, spawn })
+    }
+}
+
 /// Splits `MODULE:REST` from `REST`; module names hold no `:`.
 fn scoped(s: &str) -> (Option<String>, &str) {
     match s.split_once(':') {
@@ -256,6 +301,8 @@ pub struct ModuleSettings {
     pub args: Vec<String>,
     /// Seed for deterministic runs: fixed clocks, seeded random numbers.
     pub seed: Option<u64>,
+    /// Whether workers start from a zygote or a plain fork.
+    pub spawn: Spawn,
 }
 
 /// The command-line settings of every scope, before resolution.
@@ -269,6 +316,8 @@ pub struct SettingSpecs {
     pub args: Vec<ArgSpec>,
     /// `--deterministic` values, in command-line order.
     pub seeds: Vec<SeedSpec>,
+    /// `--spawn` values, in command-line order.
+    pub spawn: Vec<SpawnSpec>,
 }
 
 impl SettingSpecs {
@@ -293,6 +342,9 @@ impl SettingSpecs {
             for spec in self.seeds.iter().filter(|d| applies(&d.module)) {
                 s.seed = Some(spec.seed);
             }
+            for spec in self.spawn.iter().filter(|d| applies(&d.module)) {
+                s.spawn = spec.spawn;
+            }
         }
         s.args = self.args.iter().filter(|a| a.module == name).map(|a| a.value.clone()).collect();
         s
@@ -305,7 +357,8 @@ impl SettingSpecs {
         let args = self.args.iter().map(|a| ("--arg", a.module.as_str()));
         let seeds =
             self.seeds.iter().filter_map(|s| s.module.as_deref()).map(|m| ("--deterministic", m));
-        limits.chain(env).chain(args).chain(seeds)
+        let spawn = self.spawn.iter().filter_map(|s| s.module.as_deref()).map(|m| ("--spawn", m));
+        limits.chain(env).chain(args).chain(seeds).chain(spawn)
     }
 }
 
@@ -377,7 +430,17 @@ mod tests {
             env: env.iter().map(|s| s.parse().unwrap()).collect(),
             args: args.iter().map(|s| s.parse().unwrap()).collect(),
             seeds: seeds.iter().map(|s| s.parse().unwrap()).collect(),
+            spawn: Vec::new(),
         }
+    }
+
+    #[test]
+    fn spawn_mode_per_module() {
+        let mut s = specs(&[], &[], &[], &[]);
+        assert_eq!(s.resolve("a").spawn, Spawn::Zygote);
+        s.spawn = vec!["fork".parse().unwrap(), "b:zygote".parse().unwrap()];
+        assert_eq!((s.resolve("a").spawn, s.resolve("b").spawn), (Spawn::Fork, Spawn::Zygote));
+        assert!("b:sometimes".parse::<SpawnSpec>().is_err());
     }
 
     #[test]

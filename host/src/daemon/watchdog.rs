@@ -63,9 +63,6 @@ struct Shared {
     deadline_ns: AtomicU64,
     /// Whether the watchdog thread is parked (and needs an unpark).
     parked: AtomicBool,
-    /// Whether a hang-up of the client ends the process (it does while the
-    /// guest runs; while the main thread reads, it sees the close itself).
-    watch_hangup: AtomicBool,
 }
 
 impl Shared {
@@ -86,7 +83,6 @@ impl Watchdog {
             seq: AtomicU64::new(0),
             deadline_ns: AtomicU64::new(0),
             parked: AtomicBool::new(false),
-            watch_hangup: AtomicBool::new(true),
         });
         let state = shared.clone();
         let handle =
@@ -118,7 +114,7 @@ impl Watchdog {
         let cpu = harden::process_cpu();
         self.cpu_at_begin.set(cpu);
         self.backstop.ensure(cpu, backstop);
-        self.arm(limit, grace, true);
+        self.arm(limit, grace);
         bound
     }
 
@@ -127,14 +123,8 @@ impl Watchdog {
         harden::process_cpu().saturating_sub(self.cpu_at_begin.get())
     }
 
-    /// The main thread starts a read that must finish within `timeout`.
-    pub fn begin_read(&self, timeout: Duration) {
-        self.arm(timeout, GRACE, false);
-    }
-
-    fn arm(&self, timeout: Duration, grace: Duration, watch_hangup: bool) {
+    fn arm(&self, timeout: Duration, grace: Duration) {
         let s = &self.shared;
-        s.watch_hangup.store(watch_hangup, SeqCst);
         s.grace_ns.store(grace.as_nanos() as u64, SeqCst);
         // Saturating: a timeout of centuries means "no deadline in practice",
         // never a wrapped-around one that has already passed.
@@ -178,9 +168,7 @@ fn watch(s: &Shared, conn: &OwnedFd) {
             d => TICK.min(Duration::from_nanos(d.saturating_add(grace_ns).saturating_sub(now))),
         };
         let same_call = || s.busy.load(SeqCst) && s.seq.load(SeqCst) == seq;
-        if !s.watch_hangup.load(SeqCst) {
-            thread::sleep(wait);
-        } else if client_gone(conn, wait) && same_call() {
+        if client_gone(conn, wait) && same_call() {
             // Only while the guest still runs: once the call is over the main
             // thread sees the hang-up itself and ends the worker in order
             // (a client that closes right after a refusal or a reply is no
@@ -199,7 +187,7 @@ fn watch(s: &Shared, conn: &OwnedFd) {
         if deadline != 0 && now >= deadline.saturating_add(grace_ns) && same_call() {
             tracing::error!(
                 grace_ms = grace_ns / 1_000_000,
-                "still busy after the deadline and grace period (a guest blocked in a host call, or a client that never finished its hello); worker exits"
+                "still busy after the deadline and grace period (a guest blocked in a host call); worker exits"
             );
             exit(1);
         }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 
 use super::guest::{Guest, Prepared, log_budget};
-use super::modules::{LoadedModule, MEMORY_FOOTPRINT, Modules};
+use super::hello::Hello;
+use super::hello::source_of;
+use super::modules::{LoadedModule, MEMORY_FOOTPRINT};
 use super::seccomp::Filter;
 use super::watchdog::{Bound, Watchdog};
 use super::{harden, title};
@@ -17,10 +19,6 @@ use crate::protocol::{
     self, CallStats, ErrorKind, ErrorReply, FrameError, HelloReply, PROTOCOL_VERSION, Payload,
     Request, Response,
 };
-
-/// How long a fresh connection may take to send its hello (plus the
-/// watchdog's grace period).
-const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An accepted client connection.
 pub enum Stream {
@@ -39,15 +37,43 @@ impl Stream {
     }
 
     fn dup_fd(&self) -> io::Result<OwnedFd> {
-        self.fd().try_clone_to_owned()
+        self.as_fd().try_clone_to_owned()
     }
 
     /// The connection's descriptor number.
     pub fn raw_fd(&self) -> RawFd {
-        self.fd().as_raw_fd()
+        self.as_fd().as_raw_fd()
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
+    /// Switches the connection between blocking and non-blocking i/o.
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_nonblocking(nonblocking),
+            Stream::Tcp(s) => s.set_nonblocking(nonblocking),
+        }
+    }
+
+    /// The connection's descriptor, for handing it to another process.
+    pub fn into_fd(self) -> OwnedFd {
+        match self {
+            Stream::Unix(s) => s.into(),
+            Stream::Tcp(s) => s.into(),
+        }
+    }
+
+    /// A connection received as a bare descriptor.
+    pub fn from_fd(fd: OwnedFd, unix: bool) -> Stream {
+        if unix { Stream::Unix(fd.into()) } else { Stream::Tcp(fd.into()) }
+    }
+
+    /// Whether this is a unix-domain connection.
+    pub fn is_unix(&self) -> bool {
+        matches!(self, Stream::Unix(_))
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
             Stream::Unix(s) => s.as_fd(),
             Stream::Tcp(s) => s.as_fd(),
@@ -88,15 +114,55 @@ pub struct Options<'a> {
     pub filter: Option<&'a Filter>,
 }
 
+/// How a worker comes by its guest.
+pub enum Start<'a> {
+    /// Forked by the daemon: the worker instantiates the guest and runs its
+    /// init hook itself.
+    Fresh(&'a LoadedModule),
+    /// Forked from the module's zygote, with the guest already built.
+    Zygote(&'a LoadedModule, Ready),
+}
+
+impl<'a> Start<'a> {
+    fn module(&self) -> &'a LoadedModule {
+        match self {
+            Start::Fresh(m) | Start::Zygote(m, _) => m,
+        }
+    }
+}
+
+/// A guest instantiated and initialized, with its list of methods.
+pub struct Ready {
+    /// The guest.
+    pub guest: Guest,
+    /// What `wasm_task_methods` listed.
+    pub methods: Vec<String>,
+}
+
+/// Instantiates a guest of `module` behind the worker's walls (`filter`
+/// among them), runs its init hook and lists its methods: everything a
+/// worker does before its per-worker setup. Zygotes do it once for all
+/// their workers.
+pub fn build_guest(
+    module: &LoadedModule,
+    log_limit: usize,
+    filter: Option<&Filter>,
+) -> Result<Ready, ErrorReply> {
+    let mut guest = instantiate(module, log_limit, filter)?;
+    let result = guest.init(module).and_then(|()| guest.methods(module));
+    log_guest_records(&mut guest, "init");
+    Ok(Ready { methods: result?, guest })
+}
+
 /// Serves one connection in a freshly forked process, then exits it.
 ///
 /// Never returns: a worker must not fall back into the parent's code paths.
-pub fn run(stream: Stream, modules: &Modules, options: Options<'_>) -> ! {
+pub fn run(stream: Stream, start: Start<'_>, hello: &Hello, options: Options<'_>) -> ! {
     let span = tracing::info_span!("worker", worker.pid = std::process::id());
     // A panic must end this process here: unwinding further would run the
     // parent's code (and drop the parent's descriptors) in the child.
     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        span.in_scope(|| Connection::new(stream, options).and_then(|mut c| c.serve(modules)))
+        span.in_scope(|| Connection::new(stream, options).and_then(|mut c| c.serve(start, hello)))
     }));
     let code = span.in_scope(|| match served {
         Ok(Ok(())) => 0,
@@ -157,18 +223,37 @@ impl<'a> Connection<'a> {
         Ok(Connection { reader, writer: stream, options, body: Vec::new(), out: Vec::new() })
     }
 
-    fn serve(&mut self, modules: &Modules) -> Result<(), ConnError> {
-        // The watchdog runs from the start: the hello, instantiation and
-        // setup can hang as well as a call can.
+    fn serve(&mut self, start: Start<'_>, hello: &Hello) -> Result<(), ConnError> {
+        // The watchdog runs from the start: instantiation, init and setup
+        // can hang as well as a call can.
         let watchdog = Watchdog::start(
             self.writer.dup_fd().map_err(ConnError::Watchdog)?,
             self.options.hung_timeout,
         )
         .map_err(ConnError::Watchdog)?;
-        let Some((module, mut guest)) = self.hello(modules, &watchdog)? else { return Ok(()) };
-        let ready = self.start_guest(module, &mut guest, &watchdog)?;
-        self.send(&Response::Hello(ready))?;
+        let module = start.module();
+        title::set(&format!("wasm-task worker {}", module.name), &format!("wt:{}", module.name));
+        info!(module = %module.name, client = ?hello.client, "client connected");
+
+        let started = Instant::now();
+        watchdog.attach(&module.engine);
+        let bound = watchdog.begin(None);
+        let ready = match start {
+            Start::Fresh(module) => {
+                build_guest(module, log_budget(self.options.max_frame), self.options.filter)
+            }
+            Start::Zygote(_, ready) => wall_in_forked(self.options.filter).map(|()| ready),
+        };
+        watchdog.end();
+        let mut ready = match ready.map_err(|e| explain_timeout(e, bound, &self.options)) {
+            Ok(ready) => ready,
+            Err(e) => return Err(self.refuse_with(setup_failure(e))),
+        };
+        debug!(elapsed_us = started.elapsed().as_micros() as u64, "guest ready");
+        let reply = self.start_guest(module, &mut ready, &watchdog)?;
+        self.send(&Response::Hello(reply))?;
         info!(module = %module.name, "worker ready");
+        let guest = &mut ready.guest;
 
         loop {
             if !self.read()? {
@@ -184,16 +269,7 @@ impl<'a> Connection<'a> {
             let fatal = match request {
                 Request::Call { id, method, args, timeout_ms } => {
                     let timeout = timeout_ms.map(Duration::from_millis);
-                    call(
-                        &mut self.out,
-                        &mut guest,
-                        &watchdog,
-                        id,
-                        method,
-                        args,
-                        timeout,
-                        self.options,
-                    )?
+                    call(&mut self.out, guest, &watchdog, id, method, args, timeout, self.options)?
                 }
                 Request::CheckoutDone { id } => {
                     let bound = watchdog.begin(None);
@@ -221,91 +297,24 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// Reads the hello and instantiates the module it names.
-    fn hello<'m>(
-        &mut self,
-        modules: &'m Modules,
-        watchdog: &Watchdog,
-    ) -> Result<Option<(&'m LoadedModule, Guest)>, ConnError> {
-        // A client that connects and dawdles must not hold a process for
-        // long: the whole hello, not each read, has a deadline.
-        watchdog.begin_read(HELLO_TIMEOUT);
-        let got = self.read();
-        watchdog.end();
-        if !got? {
-            return Ok(None);
-        }
-
-        let (name, client) = match protocol::decode::<Request>(&self.body) {
-            Ok(Request::Hello { version, module, client }) if version == PROTOCOL_VERSION => {
-                (module.to_owned(), printable(client, 128))
-            }
-            Ok(Request::Hello { version, .. }) => {
-                let msg = format!(
-                    "protocol version {version} is not supported (worker speaks {PROTOCOL_VERSION})"
-                );
-                return Err(self.refuse(ErrorKind::Protocol, msg));
-            }
-            Ok(_) => return Err(self.refuse(ErrorKind::Protocol, "expected a hello first".into())),
-            Err(e) => {
-                return Err(self.refuse(ErrorKind::Protocol, format!("{e}: {}", source_of(&e))));
-            }
-        };
-        let Some(module) = modules.get(&name) else {
-            let served: Vec<_> = modules.modules.iter().map(|m| m.name.as_str()).collect();
-            let msg = format!(
-                "the daemon serves no module {:?} (it serves: {})",
-                printable(&name, 128),
-                served.join(", ")
-            );
-            return Err(self.refuse(ErrorKind::UnknownModule, msg));
-        };
-        title::set(&format!("wasm-task worker {name}"), &format!("wt:{name}"));
-        info!(module = %name, client = ?client, "client connected");
-
-        let started = Instant::now();
-        watchdog.attach(&module.engine);
-        let bound = watchdog.begin(None);
-        let guest = instantiate(module, log_budget(self.options.max_frame), self.options.filter);
-        watchdog.end();
-        match guest.map_err(|e| explain_timeout(e, bound, &self.options)) {
-            Ok(guest) => {
-                debug!(elapsed_us = started.elapsed().as_micros() as u64, "instantiated");
-                Ok(Some((module, guest)))
-            }
-            Err(e) => Err(self.refuse_with(setup_failure(e))),
-        }
-    }
-
-    /// Lists the guest's methods and runs its setup hook.
+    /// Runs the guest's per-worker setup hook.
     fn start_guest(
         &mut self,
         module: &LoadedModule,
-        guest: &mut Guest,
+        ready: &mut Ready,
         watchdog: &Watchdog,
     ) -> Result<HelloReply, ConnError> {
         let bound = watchdog.begin(None);
-        let methods = guest.methods(module);
-        let setup = methods.and_then(|m| guest.setup(module).map(|()| m));
+        let setup = ready.guest.setup(module);
         watchdog.end();
         let setup = setup.map_err(|e| explain_timeout(e, bound, &self.options));
-        for record in guest.take_logs() {
-            // Debug formatting escapes what the guest wrote, so it cannot
-            // forge lines of the daemon's log.
-            info!(
-                target: "wasm_task::guest",
-                level = record.level,
-                guest_target = ?record.target,
-                message = ?record.message,
-                "guest log during setup"
-            );
-        }
+        log_guest_records(&mut ready.guest, "setup");
         match setup {
-            Ok(methods) => Ok(HelloReply {
+            Ok(()) => Ok(HelloReply {
                 version: PROTOCOL_VERSION,
                 pid: std::process::id(),
                 module: module.name.clone(),
-                methods,
+                methods: ready.methods.clone(),
                 checkout_done_hook: module.exports.checkout_done,
             }),
             Err(e) => Err(self.refuse_with(setup_failure(e))),
@@ -451,6 +460,35 @@ fn lock_down(module: &LoadedModule, filter: Option<&Filter>) -> io::Result<()> {
     Ok(())
 }
 
+/// Walls in a worker forked from a zygote: the zygote's rlimits and filter
+/// carry over; the worker filter on top takes back what only a zygote may
+/// do (fork) and fills in this process's id.
+fn wall_in_forked(filter: Option<&Filter>) -> Result<(), ErrorReply> {
+    let Some(filter) = filter else { return Ok(()) };
+    filter.install(std::process::id()).map_err(|e| ErrorReply {
+        kind: ErrorKind::SetupFailed,
+        message: format!("walling in the worker: installing seccomp: {e}"),
+        backtrace: None,
+    })
+}
+
+/// Writes the log records a guest made outside any call (in init or setup)
+/// to the daemon's log.
+pub fn log_guest_records(guest: &mut Guest, during: &str) {
+    for record in guest.take_logs() {
+        // Debug formatting escapes what the guest wrote, so it cannot
+        // forge lines of the daemon's log.
+        info!(
+            target: "wasm_task::guest",
+            level = record.level,
+            guest_target = ?record.target,
+            message = ?record.message,
+            during,
+            "guest log outside a call"
+        );
+    }
+}
+
 /// A timeout that came from the hung-worker timeout says so.
 fn explain_timeout(mut e: ErrorReply, bound: Bound, options: &Options<'_>) -> ErrorReply {
     if e.kind == ErrorKind::Timeout && bound == Bound::Hung {
@@ -469,13 +507,4 @@ fn setup_failure(mut e: ErrorReply) -> ErrorReply {
         e.kind = ErrorKind::SetupFailed;
     }
     e
-}
-
-/// `text` cut to `max` characters, for logs and messages: a peer chooses it.
-fn printable(text: &str, max: usize) -> String {
-    text.chars().take(max).collect()
-}
-
-fn source_of(e: &FrameError) -> String {
-    std::error::Error::source(e).map(|s| s.to_string()).unwrap_or_default()
 }
