@@ -227,6 +227,15 @@ fn all_children(pid: u32) -> Vec<u32> {
     text.split_whitespace().filter_map(|p| p.parse().ok()).collect()
 }
 
+/// The zygote of `module` among the children of `pid`, if one runs.
+#[allow(dead_code)]
+pub fn zygote_of(pid: u32, module: &str) -> Option<u32> {
+    let comm = format!("wz:{module}\n");
+    all_children(pid)
+        .into_iter()
+        .find(|c| fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|t| t == comm))
+}
+
 /// Whether `pid` is a zygote (by the name it gives itself), not a worker.
 fn is_zygote(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("wz:"))

@@ -12,3 +12,4 @@ mod pool;
 mod pool_semantics;
 mod robustness;
 mod sandbox;
+mod zygote;

@@ -120,7 +120,7 @@ pub enum Start<'a> {
     /// init hook itself.
     Fresh(&'a LoadedModule),
     /// Forked from the module's zygote, with the guest already built.
-    Zygote(&'a LoadedModule, Ready),
+    Zygote(&'a LoadedModule, Box<Ready>),
 }
 
 impl<'a> Start<'a> {
@@ -242,7 +242,7 @@ impl<'a> Connection<'a> {
             Start::Fresh(module) => {
                 build_guest(module, log_budget(self.options.max_frame), self.options.filter)
             }
-            Start::Zygote(_, ready) => wall_in_forked(self.options.filter).map(|()| ready),
+            Start::Zygote(_, ready) => wall_in_forked(self.options.filter).map(|()| *ready),
         };
         watchdog.end();
         let mut ready = match ready.map_err(|e| explain_timeout(e, bound, &self.options)) {

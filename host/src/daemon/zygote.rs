@@ -111,7 +111,7 @@ fn serve(
 ) -> i32 {
     let started = Instant::now();
     let ready = match prepare(module, options, filter) {
-        Ok(ready) => ready,
+        Ok(ready) => Box::new(ready),
         Err(e) => {
             warn!(error = ?e.message, "building the guest failed; zygote exits");
             let _ = send(&sock, &Report::Failed(e));
@@ -253,7 +253,7 @@ fn become_worker(
     conn: OwnedFd,
     handoff: Handoff,
     module: &LoadedModule,
-    ready: Ready,
+    ready: Box<Ready>,
     options: worker::Options<'_>,
 ) -> ! {
     // The zygote's socket is not the worker's business. Its owner lives on
