@@ -20,6 +20,7 @@ mod roundtrip;
 mod spawn;
 mod sys;
 mod throughput;
+mod zygote;
 
 use std::path::PathBuf;
 
@@ -43,6 +44,8 @@ struct Sizes {
     calls: usize,
     queue: usize,
     recycles: usize,
+    /// Spawns per zygote row: trivial init, 64 MiB init.
+    zygote: (usize, usize),
 }
 
 const FULL: Sizes = Sizes {
@@ -53,15 +56,24 @@ const FULL: Sizes = Sizes {
     calls: 4000,
     queue: 10_000,
     recycles: 10_000,
+    zygote: (200, 20),
 };
-const QUICK: Sizes =
-    Sizes { runs: 2, per_run: 50, spawns: 10, colds: 3, calls: 40, queue: 200, recycles: 50 };
+const QUICK: Sizes = Sizes {
+    runs: 2,
+    per_run: 50,
+    spawns: 10,
+    colds: 3,
+    calls: 40,
+    queue: 200,
+    recycles: 50,
+    zygote: (3, 2),
+};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     // `--only SECTION` measures one section (round trip, spawn, throughput,
-    // queue, memory) when working on it; the report then has only its rows.
+    // queue, zygote, memory) when working on it; the report then has only its rows.
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let wanted = |section: &str| only.as_deref().is_none_or(|o| section.starts_with(o));
     let sizes = if quick { QUICK } else { FULL };
@@ -111,6 +123,10 @@ fn main() -> anyhow::Result<()> {
         }
         if wanted("queue") {
             rows.extend(queue::rows(&queue::run(&daemon, sizes.queue).await?));
+        }
+        if wanted("zygote") {
+            let daemon = zygote::daemon();
+            rows.extend(zygote::measure(&daemon, sizes.zygote.0, sizes.zygote.1).await?);
         }
         if wanted("memory") {
             let (idle, linear) = memory::idle_worker(&daemon).await?;

@@ -4,9 +4,10 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rand::SeedableRng;
-use rand::rand_core::UnwrapErr;
+use std::convert::Infallible;
+
 use rand::rngs::{StdRng, SysRng};
+use rand::{Rng, SeedableRng, TryCryptoRng, TryRng};
 use wasmtime::{
     Caller, Extern, Instance, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc,
     WasmBacktrace,
@@ -606,16 +607,56 @@ fn new_state(module: &LoadedModule, log_limit: usize) -> anyhow::Result<HostStat
     })
 }
 
-/// Random numbers straight from the kernel, at each draw.
+/// Random numbers from a generator of this process's own, seeded from the
+/// kernel.
 ///
-/// WASI's default generators keep their state in this process's memory, so
-/// every worker forked from one zygote would draw the same numbers; the
-/// kernel's come out different in every process. (The `insecure-seed`
-/// value is fixed when the context is built; WASI preview 1 has no way to
-/// read it.)
+/// WASI's default generators are seeded once, when the context is built, so
+/// every worker forked from one zygote would draw the same numbers. (The
+/// `insecure-seed` value is fixed when the context is built too; WASI
+/// preview 1 has no way to read it.)
 fn draw_from_the_kernel(wasi: &mut WasiCtxBuilder) {
-    wasi.secure_random(UnwrapErr(SysRng)).insecure_random(UnwrapErr(SysRng));
+    wasi.secure_random(ProcessRng::default()).insecure_random(ProcessRng::default());
 }
+
+/// A ChaCha generator seeded from the kernel in the process that draws from
+/// it: in a forked child it notices the new process id and seeds itself
+/// afresh before its first draw there.
+#[derive(Default)]
+struct ProcessRng {
+    /// The generator and the process it was seeded in.
+    seeded: Option<(StdRng, u32)>,
+}
+
+impl ProcessRng {
+    fn rng(&mut self) -> &mut StdRng {
+        let pid = std::process::id();
+        if self.seeded.as_ref().is_none_or(|(_, seeded_in)| *seeded_in != pid) {
+            let rng = StdRng::try_from_rng(&mut SysRng)
+                .unwrap_or_else(|_| StdRng::from_rng(&mut rand::rng()));
+            self.seeded = Some((rng, pid));
+        }
+        &mut self.seeded.as_mut().expect("seeded above").0
+    }
+}
+
+impl TryRng for ProcessRng {
+    type Error = Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
+        Ok(self.rng().next_u32())
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
+        Ok(self.rng().next_u64())
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
+        self.rng().fill_bytes(dst);
+        Ok(())
+    }
+}
+
+impl TryCryptoRng for ProcessRng {}
 
 /// Fixed clocks and random numbers drawn from `seed`, for runs that repeat.
 fn make_deterministic(wasi: &mut WasiCtxBuilder, seed: u64) {

@@ -54,6 +54,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         bail!("system-call filters are not built for this architecture; pass --seccomp off");
     }
     let modules = Modules::load(&config)?;
+    release_free_heap();
     let names: Vec<_> = modules.modules.iter().map(|m| m.name.as_str()).collect();
     // Without /dev/null workers keep the daemon's stdin and stdout.
     let dev_null = harden::open_dev_null().ok();
@@ -125,6 +126,16 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     daemon.stop_zygotes();
     daemon.listener.remove_socket_file();
     Ok(())
+}
+
+/// Gives the heap's free pages back to the kernel.
+///
+/// Compiling modules leaves megabytes of freed heap that malloc keeps
+/// mapped; every fork would copy their page tables and every child would
+/// inherit them. Dropping them makes forks cheaper.
+pub fn release_free_heap() {
+    // SAFETY: malloc_trim only returns free memory to the kernel.
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// Least time between two warnings that the worker cap is reached.

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use wasmtime::Engine;
 
 use super::guest::log_budget;
@@ -138,9 +138,13 @@ fn serve(
         // SAFETY: this process has a single thread (checked in `prepare`),
         // so the child starts with consistent memory; it never returns
         // from `become_worker`.
+        let forking = Instant::now();
         let report = match unsafe { fork_sibling() } {
             Ok(0) => become_worker(&sock, conn, handoff, module, ready, options),
-            Ok(pid) => Report::Spawned(pid),
+            Ok(pid) => {
+                debug!(worker.pid = pid, fork_us = forking.elapsed().as_micros() as u64, "forked");
+                Report::Spawned(pid)
+            }
             Err(e) => {
                 warn!(error = %e, "fork failed; dropping the connection");
                 Report::SpawnFailed(e.to_string())
@@ -179,6 +183,7 @@ fn prepare(
         built
     };
     drop(runtime);
+    super::listener::release_free_heap();
     let ready = built.map_err(|mut e| {
         if e.kind == ErrorKind::Timeout {
             e.message = format!(
