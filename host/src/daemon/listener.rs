@@ -1,12 +1,19 @@
-//! The parent process: bind, accept, fork one worker per connection, reap.
+//! The parent process: bind, accept, read hellos, start workers, reap.
 //!
 //! The loop is single-threaded on purpose: fork() carries only the calling
 //! thread into the child, so no other thread may exist to hold a lock the
 //! child would need. Signals arrive through a signalfd polled beside the
 //! listening socket, so there are no signal handlers either.
 //!
-//! At most `max_workers` workers live at once. At the cap the loop stops
-//! accepting: further connections wait in the kernel's backlog (their
+//! Each connection's hello is read here, without blocking ([`hello`]); it
+//! names the module, whose setting decides where the worker comes from: the
+//! module's zygote ([`zygote`], started here and restarted with back-off
+//! when it fails) or a plain fork of this process. Either way the worker is
+//! this process's child, reaped and counted here.
+//!
+//! At most `max_workers` workers live at once, connections still sending
+//! their hello or waiting for their zygote included. At the cap the loop
+//! stops accepting: further connections wait in the kernel's backlog (their
 //! clients see a slow connect, bounded by their own timeouts) and are
 //! accepted as workers exit.
 

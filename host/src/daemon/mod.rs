@@ -1,16 +1,19 @@
 //! The daemon: a fork-per-connection server that hosts guests in wasmtime.
 //!
 //! The parent process compiles every module once ([`modules`]), binds the
-//! listening socket and runs a single-threaded accept loop ([`listener`]). For
-//! each connection it forks a worker process ([`worker`]) that reads the
-//! client's hello, instantiates the module it names ([`guest`]), and serves
-//! calls until the connection closes. A watchdog thread in each worker
-//! ([`watchdog`]) enforces call deadlines and notices a vanished client.
+//! listening socket and runs a single-threaded accept loop ([`listener`])
+//! that reads each client's hello (`hello`) and starts a worker process
+//! ([`worker`]) for it: forked from the module's zygote (`zygote`), which
+//! instantiated the guest ([`guest`]) and ran its init hook once, or forked
+//! plainly, instantiating the guest itself. The worker serves calls until
+//! the connection closes. A watchdog thread in each worker (`watchdog`)
+//! enforces call deadlines and notices a vanished client.
 //!
 //! Each module has its own sandbox settings ([`settings`]: limits,
-//! environment, arguments, determinism). Each worker walls itself in at the
-//! OS level ([`harden`]: descriptors, identity, rlimits) and with a
-//! system-call filter ([`seccomp`]) before guest code runs.
+//! environment, arguments, determinism, spawn mode). Each worker and zygote
+//! walls itself in at the OS level ([`harden`]: descriptors, identity,
+//! rlimits) and with a system-call filter ([`seccomp`]) before guest code
+//! runs.
 
 mod capture;
 pub mod guest;
