@@ -5,9 +5,9 @@
 //! child would need. Signals arrive through a signalfd polled beside the
 //! listening socket, so there are no signal handlers either.
 //!
-//! Each connection's hello is read here, without blocking ([`hello`]); it
+//! Each connection's hello is read here, without blocking (`hello`); it
 //! names the module, whose setting decides where the worker comes from: the
-//! module's zygote ([`zygote`], started here and restarted with back-off
+//! module's zygote (`zygote`, started here and restarted with back-off
 //! when it fails) or a plain fork of this process. Either way the worker is
 //! this process's child, reaped and counted here.
 //!
