@@ -58,17 +58,24 @@ pub async fn pooled(
     }
 
     let left = Arc::new(AtomicUsize::new(calls));
+    let (guest_us, cpu_us) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let started = Instant::now();
     let tasks: Vec<_> = (0..workers * 4)
         .map(|_| {
             let (client, left) = (client.clone(), left.clone());
+            let (guest_us, cpu_us) = (guest_us.clone(), cpu_us.clone());
             tokio::spawn(async move {
                 while left
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                     .is_ok()
                 {
                     let checkout = client.checkout().await?;
-                    checkout.call::<u64>("burn", &rounds).await?;
+                    let report = checkout.call_report::<u64>("burn", &rounds).await;
+                    report.result?;
+                    if let Some(stats) = report.timings.worker {
+                        guest_us.fetch_add(stats.wall_us as usize, Ordering::Relaxed);
+                        cpu_us.fetch_add(stats.cpu_us as usize, Ordering::Relaxed);
+                    }
                 }
                 anyhow::Ok(())
             })
@@ -77,7 +84,14 @@ pub async fn pooled(
     for task in tasks {
         task.await??;
     }
-    Ok(calls as f64 / started.elapsed().as_secs_f64())
+    let elapsed = started.elapsed().as_secs_f64();
+    eprintln!(
+        "throughput, {workers} workers: {:.0} us per call in the worker's guest ({:.0} us CPU), {:.0} us per call all in",
+        guest_us.load(Ordering::Relaxed) as f64 / calls as f64,
+        cpu_us.load(Ordering::Relaxed) as f64 / calls as f64,
+        elapsed * 1e6 * workers as f64 / calls as f64
+    );
+    Ok(calls as f64 / elapsed)
 }
 
 /// The throughput rows.

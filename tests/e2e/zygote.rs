@@ -220,3 +220,37 @@ async fn in_fork_mode_every_worker_runs_init_itself() {
     assert_eq!(w.call::<String>("echo", &"hi").await.unwrap(), "hi");
     assert!(zygote_of(daemon.pid(), "echo").is_some(), "echo still has its zygote");
 }
+
+#[tokio::test]
+async fn an_init_stuck_in_a_host_call_is_named_in_the_error() {
+    let daemon = daemon(&["--env=testguest:TG_INIT_SLEEP_MS=60000", "--hung-timeout=300ms"]);
+    let client = daemon.client("testguest").min_workers(0).build();
+    let err = client.checkout().await.unwrap_err();
+    match &err {
+        Error::SetupFailed { message, .. } => {
+            assert!(message.contains("stuck in a host call"), "{message}")
+        }
+        other => panic!("expected a setup failure, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_while_its_zygote_starts_frees_its_slot() {
+    // One slot in all; testguest's zygote takes a while to start.
+    let daemon = daemon(&["--env=testguest:TG_INIT_SLEEP_MS=30000", "--max-workers=1"]);
+    let mut impatient = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    let hello = wasm_task::protocol::Request::Hello {
+        version: wasm_task::protocol::PROTOCOL_VERSION,
+        module: "testguest",
+        client: "impatient",
+    };
+    let mut frame = Vec::new();
+    wasm_task::protocol::encode_frame(&hello, &mut frame).unwrap();
+    std::io::Write::write_all(&mut impatient, &frame).unwrap();
+    drop(impatient);
+    // The slot it held goes to a client of the other module long before
+    // that init is over.
+    let echo = daemon.client("echo").min_workers(0).timeout(Some(Duration::from_secs(10))).build();
+    let w = echo.checkout().await.unwrap();
+    assert_eq!(w.call::<String>("echo", &"hi").await.unwrap(), "hi");
+}

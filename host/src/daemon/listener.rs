@@ -32,7 +32,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, kill, signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, socketpair};
 use nix::sys::stat::{Mode, umask};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
@@ -62,6 +62,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     }
     let modules = Modules::load(&config)?;
     release_free_heap();
+    check_descriptors(config.max_workers);
     let names: Vec<_> = modules.modules.iter().map(|m| m.name.as_str()).collect();
     // Without /dev/null workers keep the daemon's stdin and stdout.
     let dev_null = harden::open_dev_null().ok();
@@ -169,6 +170,31 @@ fn check_config(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Raises the daemon's descriptor limit to its hard limit, and warns when
+/// that still leaves too few for `max_workers` connections in waiting (the
+/// daemon holds each one's descriptor until a worker has it).
+fn check_descriptors(max_workers: usize) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is valid for reads and writes during both calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+    }
+    // Room for the listener, the signalfd, the modules and the zygotes.
+    let needed = (max_workers as u64).saturating_mul(2).saturating_add(64);
+    if limit.rlim_cur < needed {
+        warn!(
+            max_workers,
+            rlimit_nofile = limit.rlim_cur,
+            "the descriptor limit is low for --max-workers; connections may be refused (raise `ulimit -n`)"
+        );
+    }
+}
+
 /// What every forked worker and zygote starts from.
 struct ChildStart<'a> {
     modules: &'a Modules,
@@ -207,11 +233,25 @@ struct Zygote {
     state: ZygoteState,
     /// Connections waiting for the zygote to become ready or for its socket
     /// to take them, in arrival order.
-    queue: VecDeque<(OwnedFd, Handoff)>,
+    queue: VecDeque<Waiting>,
+    /// Connections handed over that the zygote has not reported on yet,
+    /// oldest first (it handles them in order). The daemon keeps its copy
+    /// of each, to refuse it clearly should the zygote fail before forking
+    /// a worker for it.
+    inflight: VecDeque<(OwnedFd, Handoff)>,
     /// Failures in a row, for the back-off.
     failures: u32,
     /// Why the running zygote said it failed.
-    error: Option<String>,
+    error: Option<ErrorReply>,
+}
+
+/// A connection waiting for its module's zygote.
+struct Waiting {
+    fd: OwnedFd,
+    handoff: Handoff,
+    /// Whether to watch it for a hang-up (until data follows the hello:
+    /// then it would stay readable, and its client is there anyway).
+    watch: bool,
 }
 
 #[derive(Default)]
@@ -223,13 +263,11 @@ enum ZygoteState {
         sock: OwnedFd,
         /// Whether its guest is built and it takes connections.
         ready: bool,
-        /// Connections handed over that it has not yet reported on.
-        unacked: usize,
         /// Whether it closed its end.
         closed: bool,
     },
     /// No zygote runs; one starts again at `restart_at`.
-    Down { restart_at: Instant, reason: String },
+    Down { restart_at: Instant, reason: ErrorReply },
     /// Not started yet.
     #[default]
     New,
@@ -244,7 +282,15 @@ struct Events {
     zygotes: Vec<usize>,
     /// Indices into `pending` that are readable.
     pending: Vec<usize>,
+    /// Connections waiting for a zygote that became readable or hung up:
+    /// (zygote index, queue index).
+    waiting: Vec<(usize, usize)>,
 }
+
+/// Most connections accepted in one turn of the loop, so that a flood of
+/// connections that close at once cannot keep it from reaping children,
+/// restarting zygotes and hearing signals.
+const ACCEPTS_PER_TURN: usize = 64;
 
 impl Daemon<'_> {
     fn run(&mut self) -> anyhow::Result<()> {
@@ -254,9 +300,10 @@ impl Daemon<'_> {
                 return Ok(());
             }
             for index in events.zygotes {
-                self.read_reports(index);
+                self.read_reports(index, true);
                 self.flush(index);
             }
+            self.check_waiting(&events.waiting);
             self.read_hellos(&events.pending);
             if events.accept {
                 self.accept_all();
@@ -268,15 +315,8 @@ impl Daemon<'_> {
     /// Slots of `max_workers` taken: live workers, and connections on
     /// their way to becoming workers.
     fn used(&self) -> usize {
-        let zygotes: usize = self
-            .zygotes
-            .iter()
-            .flatten()
-            .map(|z| {
-                z.queue.len()
-                    + if let ZygoteState::Up { unacked, .. } = z.state { unacked } else { 0 }
-            })
-            .sum();
+        let zygotes: usize =
+            self.zygotes.iter().flatten().map(|z| z.queue.len() + z.inflight.len()).sum();
         self.workers.len() + self.pending.len() + zygotes
     }
 
@@ -307,6 +347,16 @@ impl Daemon<'_> {
         }
         let first_pending = fds.len();
         fds.extend(self.pending.iter().map(|p| PollFd::new(p.fd(), PollFlags::POLLIN)));
+        let first_waiting = fds.len();
+        let mut waiting_at = Vec::new();
+        for (index, z) in self.zygotes.iter().enumerate() {
+            for (at, w) in z.iter().flat_map(|z| z.queue.iter()).enumerate() {
+                if w.watch {
+                    fds.push(PollFd::new(w.fd.as_fd(), PollFlags::POLLIN));
+                    waiting_at.push((index, at));
+                }
+            }
+        }
 
         let timeout = match self.next_timer() {
             None => PollTimeout::NONE,
@@ -334,6 +384,12 @@ impl Daemon<'_> {
                 .map(|(_, &index)| index)
                 .collect(),
             pending: (0..self.pending.len()).filter(|i| ready(&fds[first_pending + i])).collect(),
+            waiting: waiting_at
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| ready(&fds[first_waiting + i]))
+                .map(|(_, at)| at)
+                .collect(),
         })
     }
 
@@ -419,7 +475,10 @@ impl Daemon<'_> {
 
     /// Accepts pending connections, as many as the worker cap leaves room for.
     fn accept_all(&mut self) {
-        while self.used() < self.max_workers {
+        for _ in 0..ACCEPTS_PER_TURN {
+            if self.used() >= self.max_workers {
+                break;
+            }
             let stream = match self.listener.accept() {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -486,7 +545,8 @@ impl Daemon<'_> {
             None => self.fork_worker(stream, index, hello),
             Some(z) => {
                 let unix = stream.is_unix();
-                z.queue.push_back((stream.into_fd(), Handoff { client: hello.client, unix }));
+                let handoff = Handoff { client: hello.client, unix };
+                z.queue.push_back(Waiting { fd: stream.into_fd(), handoff, watch: true });
                 self.flush(index);
             }
         }
@@ -544,7 +604,6 @@ impl Daemon<'_> {
                     pid: child.as_raw(),
                     sock: ours,
                     ready: false,
-                    unacked: 0,
                     closed: false,
                 };
             }
@@ -554,17 +613,17 @@ impl Daemon<'_> {
 
     fn zygote_failed_to_start(&mut self, index: usize, why: &str) {
         error!(module = %self.start.modules.modules[index].name, error = why, "could not start a zygote");
-        self.mark_down(index, format!("its zygote could not be started ({why})"));
+        self.mark_down(index, setup_error(format!("its zygote could not be started ({why})")));
     }
 
-    /// Reads what the zygote at `index` has reported.
-    fn read_reports(&mut self, index: usize) {
+    /// Reads what the zygote at `index` has reported; `alive` when it has
+    /// not been reaped yet (and may be stopped if it talks nonsense).
+    fn read_reports(&mut self, index: usize, alive: bool) {
         let name = &self.start.modules.modules[index].name;
+        let mut reset = false;
         loop {
             let Some(z) = self.zygotes[index].as_mut() else { return };
-            let ZygoteState::Up { sock, ready, unacked, closed, pid } = &mut z.state else {
-                return;
-            };
+            let ZygoteState::Up { sock, ready, closed, pid } = &mut z.state else { return };
             let report = match zygote::receive_with::<Report>(sock, &mut self.reports) {
                 Ok(Some((report, _))) => report,
                 Ok(None) => {
@@ -572,9 +631,17 @@ impl Daemon<'_> {
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                // A zygote that died with handoffs unread: the kernel says
+                // so once, then hands over the reports still queued.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset && !reset => {
+                    reset = true;
+                    continue;
+                }
                 Err(e) => {
-                    warn!(module = %name, error = %e, "unreadable report from a zygote; stopping it");
-                    let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+                    warn!(module = %name, error = %e, "unreadable report from a zygote");
+                    if alive {
+                        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+                    }
                     *closed = true;
                     return;
                 }
@@ -587,18 +654,22 @@ impl Daemon<'_> {
                 }
                 Report::Failed(e) => {
                     warn!(module = %name, error = ?e.message, "zygote could not build the guest");
-                    z.error = Some(e.message);
+                    z.error = Some(e);
                 }
                 Report::Spawned(worker) => {
-                    *unacked = unacked.saturating_sub(1);
+                    // The worker has its own copy of the connection now.
+                    z.inflight.pop_front();
                     info!(worker.pid = worker, module = %name, "worker forked from the zygote");
                     if !self.reaped_early.remove(&worker) {
                         self.workers.insert(worker);
                     }
                 }
                 Report::SpawnFailed(e) => {
-                    *unacked = unacked.saturating_sub(1);
                     warn!(module = %name, error = ?e, "the zygote could not fork a worker");
+                    if let Some((fd, handoff)) = z.inflight.pop_front() {
+                        let message = format!("the daemon could not start a worker: {e}");
+                        refuse_fd(fd, handoff.unix, setup_error(message));
+                    }
                 }
             }
         }
@@ -608,19 +679,22 @@ impl Daemon<'_> {
     /// is ready and its socket takes them.
     fn flush(&mut self, index: usize) {
         let Some(z) = self.zygotes[index].as_mut() else { return };
-        let ZygoteState::Up { sock, ready: true, unacked, closed: false, .. } = &mut z.state else {
-            return;
-        };
-        while let Some((fd, handoff)) = z.queue.front() {
-            match zygote::send_with(sock, handoff, Some(fd)) {
+        let ZygoteState::Up { sock, ready: true, closed: false, .. } = &z.state else { return };
+        while let Some(w) = z.queue.front() {
+            let keep = match w.fd.try_clone() {
+                Ok(fd) => fd,
+                Err(e) => return warn!(error = %e, "cannot keep a copy of a connection"),
+            };
+            match zygote::send_with(sock, &w.handoff, Some(&w.fd)) {
                 Ok(()) => {
-                    *unacked += 1;
-                    z.queue.pop_front();
+                    let w = z.queue.pop_front().expect("looked at above");
+                    drop(w.fd);
+                    z.inflight.push_back((keep, w.handoff));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    // The zygote is going away; its end will be reaped and
-                    // the queue refused then.
+                    // The zygote is going away; the queue is refused once
+                    // it has been reaped.
                     warn!(error = %e, "handing a connection to the zygote failed");
                     return;
                 }
@@ -628,31 +702,74 @@ impl Daemon<'_> {
         }
     }
 
-    /// The zygote at `index` has ended.
+    /// Drops the waiting connections whose clients hung up.
+    fn check_waiting(&mut self, readable: &[(usize, usize)]) {
+        // Back to front, so that removals keep the earlier indices valid.
+        for &(index, at) in readable.iter().rev() {
+            let Some(z) = self.zygotes[index].as_mut() else { continue };
+            let Some(w) = z.queue.get_mut(at) else { continue };
+            let mut byte = [0u8; 1];
+            match nix::sys::socket::recv(
+                w.fd.as_raw_fd(),
+                &mut byte,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(0) | Err(_) => {
+                    debug!("a client waiting for its zygote hung up");
+                    z.queue.remove(at);
+                }
+                Ok(_) => w.watch = false,
+            }
+        }
+    }
+
+    /// The zygote at `index` has ended (and been reaped).
     fn zygote_down(&mut self, index: usize, how: &str) {
         // Reports it sent before it ended still count.
-        self.read_reports(index);
+        self.read_reports(index, false);
+        for other in 0..self.zygotes.len() {
+            if other != index {
+                self.read_reports(other, true);
+            }
+        }
+        // Workers it forked but did not live to report are the daemon's
+        // children all the same: find them, and count them.
+        let zygote_pids: Vec<i32> = self.zygotes.iter().flatten().filter_map(Zygote::pid).collect();
+        let orphans: Vec<i32> = own_children()
+            .into_iter()
+            .filter(|p| !self.workers.contains(p) && !zygote_pids.contains(p))
+            .collect();
         let z = self.zygotes[index].as_mut().expect("a zygote module");
-        let reason = z.error.take().unwrap_or_else(|| format!("its zygote {how}"));
+        let served = orphans.len().min(z.inflight.len());
+        for pid in orphans {
+            info!(worker.pid = pid, "worker forked by a zygote that died before reporting it");
+            self.workers.insert(pid);
+        }
+        // The oldest handoffs are the ones those workers serve; the
+        // daemon's copies of them just close.
+        z.inflight.drain(..served);
+        let reason = z.error.take().unwrap_or_else(|| setup_error(format!("its zygote {how}")));
         let name = &self.start.modules.modules[index].name;
-        warn!(module = %name, reason = ?reason, "zygote ended");
+        warn!(module = %name, reason = ?reason.message, "zygote ended");
         self.mark_down(index, reason);
+        if self.zygotes.iter().flatten().all(|z| z.inflight.is_empty()) {
+            // No report is due any more that could name these.
+            self.reaped_early.clear();
+        }
     }
 
     /// Schedules the restart of the zygote at `index` after a failure, and
     /// refuses the connections waiting for it.
-    fn mark_down(&mut self, index: usize, reason: String) {
+    fn mark_down(&mut self, index: usize, reason: ErrorReply) {
         let name = &self.start.modules.modules[index].name;
         let z = self.zygotes[index].as_mut().expect("a zygote module");
         let delay = ZYGOTE_BACKOFF.saturating_mul(1 << z.failures.min(16)).min(ZYGOTE_BACKOFF_MAX);
         z.failures = z.failures.saturating_add(1);
         let restart_at = Instant::now() + delay;
         let error = zygote_down_error(name, &reason, restart_at);
-        for (fd, handoff) in z.queue.drain(..) {
-            let stream = Stream::from_fd(fd, handoff.unix);
-            if stream.set_nonblocking(true).is_ok() {
-                hello::refuse(stream, error.clone());
-            }
+        let waiting = z.queue.drain(..).map(|w| (w.fd, w.handoff));
+        for (fd, handoff) in z.inflight.drain(..).chain(waiting) {
+            refuse_fd(fd, handoff.unix, error.clone());
         }
         z.state = ZygoteState::Down { restart_at, reason };
     }
@@ -660,13 +777,15 @@ impl Daemon<'_> {
     /// Drops hellos past their deadline and restarts zygotes due.
     fn run_timers(&mut self) {
         let now = Instant::now();
-        self.pending.retain(|p| {
-            let alive = p.deadline > now;
-            if !alive {
-                info!("a client sent no complete hello in time; closing its connection");
-            }
-            alive
-        });
+        let (expired, pending) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition::<Vec<_>, _>(|p| p.deadline <= now);
+        self.pending = pending;
+        for p in expired {
+            info!("a client sent no complete hello in time; closing its connection");
+            let message = format!("no complete hello within {:?}", hello::HELLO_TIMEOUT);
+            p.refuse(ErrorReply { kind: ErrorKind::Protocol, message, backtrace: None });
+        }
         for index in 0..self.zygotes.len() {
             if let Some(Zygote { state: ZygoteState::Down { restart_at, .. }, .. }) =
                 &self.zygotes[index]
@@ -678,24 +797,63 @@ impl Daemon<'_> {
     }
 
     /// Ends every zygote: the daemon is stopping and forks no more workers.
+    /// Connections not yet handed to a worker are refused.
     fn stop_zygotes(&mut self) {
-        for z in self.zygotes.iter().flatten() {
+        let stopping = || setup_error("the daemon is stopping".into());
+        for z in self.zygotes.iter_mut().flatten() {
             if let ZygoteState::Up { pid, .. } = z.state {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
+            let waiting = z.queue.drain(..).map(|w| (w.fd, w.handoff));
+            for (fd, handoff) in z.inflight.drain(..).chain(waiting) {
+                refuse_fd(fd, handoff.unix, stopping());
+            }
+        }
+        for p in self.pending.drain(..) {
+            p.refuse(stopping());
         }
     }
 }
 
 /// The refusal a client of a module without a working zygote gets.
-fn zygote_down_error(module: &str, reason: &str, restart_at: Instant) -> ErrorReply {
+fn zygote_down_error(module: &str, reason: &ErrorReply, restart_at: Instant) -> ErrorReply {
     let wait = restart_at.saturating_duration_since(Instant::now()).as_millis();
     ErrorReply {
         kind: ErrorKind::SetupFailed,
         message: format!(
-            "module `{module}` cannot start workers: {reason} (the daemon tries again in {wait} ms)"
+            "module `{module}` cannot start workers: {} (the daemon tries again in {wait} ms)",
+            reason.message
         ),
-        backtrace: None,
+        backtrace: reason.backtrace.clone(),
+    }
+}
+
+fn setup_error(message: String) -> ErrorReply {
+    ErrorReply { kind: ErrorKind::SetupFailed, message, backtrace: None }
+}
+
+/// Refuses a connection held as a bare descriptor, best effort.
+fn refuse_fd(fd: OwnedFd, unix: bool, error: ErrorReply) {
+    let stream = Stream::from_fd(fd, unix);
+    if stream.set_nonblocking(true).is_ok() {
+        hello::refuse(stream, error);
+    }
+}
+
+/// The pids of this process's children, from `/proc`.
+fn own_children() -> Vec<i32> {
+    let pid = std::process::id();
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    let text = fs::read_to_string(path).unwrap_or_default();
+    text.split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+impl Zygote {
+    fn pid(&self) -> Option<i32> {
+        match self.state {
+            ZygoteState::Up { pid, .. } => Some(pid),
+            _ => None,
+        }
     }
 }
 

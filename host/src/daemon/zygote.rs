@@ -90,6 +90,10 @@ pub fn run(
     filter: Option<&Filter>,
 ) -> ! {
     title::set(&format!("wasm-task zygote {}", module.name), &format!("wz:{}", module.name));
+    // A zygote has no use without its daemon, and may be busy in init when
+    // the daemon dies without a word. (Forked workers do not inherit this.)
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
     let span = tracing::info_span!("zygote", module = %module.name, pid = std::process::id());
     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         span.in_scope(|| serve(sock, module, options, filter))
@@ -110,7 +114,7 @@ fn serve(
     filter: Option<&Filter>,
 ) -> i32 {
     let started = Instant::now();
-    let ready = match prepare(module, options, filter) {
+    let ready = match prepare(&sock, module, options, filter) {
         Ok(ready) => Box::new(ready),
         Err(e) => {
             warn!(error = ?e.message, "building the guest failed; zygote exits");
@@ -135,10 +139,10 @@ fn serve(
                 return 1;
             }
         };
+        let forking = Instant::now();
         // SAFETY: this process has a single thread (checked in `prepare`),
         // so the child starts with consistent memory; it never returns
         // from `become_worker`.
-        let forking = Instant::now();
         let report = match unsafe { fork_sibling() } {
             Ok(0) => become_worker(&sock, conn, handoff, module, ready, options),
             Ok(pid) => {
@@ -162,6 +166,7 @@ fn serve(
 /// Builds the guest and runs its init hook, leaving this process with a
 /// single thread.
 fn prepare(
+    sock: &OwnedFd,
     module: &LoadedModule,
     options: worker::Options<'_>,
     filter: Option<&Filter>,
@@ -176,7 +181,9 @@ fn prepare(
     let built = {
         // WASI's synchronous calls run on the runtime they find entered.
         let _context = runtime.enter();
-        let guard = InitGuard::start(&module.engine, options.hung_timeout)
+        let guard = sock
+            .try_clone()
+            .and_then(|sock| InitGuard::start(&module.engine, options.hung_timeout, sock))
             .map_err(|e| setup_error(format!("starting the init guard: {e}")))?;
         let built = worker::build_guest(module, log_budget(options.max_frame), filter);
         guard.stop();
@@ -215,7 +222,9 @@ struct InitGuard {
 }
 
 impl InitGuard {
-    fn start(engine: &Engine, limit: Duration) -> io::Result<InitGuard> {
+    /// `sock` (the zygote's socket) is where it says why, should it end
+    /// the process.
+    fn start(engine: &Engine, limit: Duration, sock: OwnedFd) -> io::Result<InitGuard> {
         let (done, finished) = mpsc::channel::<()>();
         let engine = engine.clone();
         let thread = thread::Builder::new().name("init-guard".into()).spawn(move || {
@@ -225,6 +234,11 @@ impl InitGuard {
             engine.increment_epoch();
             if finished.recv_timeout(GRACE) == Err(RecvTimeoutError::Timeout) {
                 error!("init is stuck past the hung-worker timeout; zygote exits");
+                let message = format!(
+                    "init did not finish within the daemon's hung-worker timeout of {limit:?} \
+                     (stuck in a host call)"
+                );
+                let _ = send(&sock, &Report::Failed(setup_error(message)));
                 // SAFETY: ends the process at once; the main thread is
                 // stuck in the guest and holds nothing that needs teardown.
                 unsafe { libc::_exit(1) }
