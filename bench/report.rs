@@ -142,7 +142,7 @@ pub fn table(rows: &[Row]) -> String {
             fmt_value(r.value, r.value_p99),
             r.baseline_name.clone(),
             fmt_value(r.baseline, r.baseline_p99),
-            format!("{:.2}", r.ratio),
+            if r.ratio < 0.1 { format!("{:.3}", r.ratio) } else { format!("{:.2}", r.ratio) },
             target,
         ]);
     }

@@ -46,6 +46,8 @@ pub fn daemon() -> Daemon {
 /// Fresh workers of `module`, each retired after its first reply.
 async fn spawns(daemon: &Daemon, module: &str, n: usize) -> anyhow::Result<Samples> {
     let client = daemon.client(module).min_workers(0).max_workers(1).max_checkouts(Some(1)).build();
+    // Once unmeasured: the first may wait for the zygote's init.
+    client.checkout().await?.call::<u64>("incr", &()).await?;
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
         settle(daemon).await?;
@@ -57,9 +59,9 @@ async fn spawns(daemon: &Daemon, module: &str, n: usize) -> anyhow::Result<Sampl
     Ok(Samples(samples))
 }
 
-/// Proportional memory, in bytes, of `WORKERS` live workers of `module`
-/// (plus their zygote's, when they have one).
-async fn pss(daemon: &Daemon, module: &str) -> anyhow::Result<u64> {
+/// Proportional memory, in bytes, of `WORKERS` live workers of `module`,
+/// and of their zygote (0 without one).
+async fn pss(daemon: &Daemon, module: &str) -> anyhow::Result<(u64, u64)> {
     settle(daemon).await?;
     let client = daemon.client(module).min_workers(0).max_workers(WORKERS).build();
     let mut held = Vec::new();
@@ -72,10 +74,11 @@ async fn pss(daemon: &Daemon, module: &str) -> anyhow::Result<u64> {
     for checkout in &held {
         total += sys::memory(checkout.worker_pid())?.pss;
     }
-    if let Some(zygote) = crate::harness::zygote_of(daemon.pid(), module) {
-        total += sys::memory(zygote)?.pss;
-    }
-    Ok(total)
+    let zygote = match crate::harness::zygote_of(daemon.pid(), module) {
+        Some(pid) => sys::memory(pid)?.pss,
+        None => 0,
+    };
+    Ok((total, zygote))
 }
 
 /// Waits (bounded) until the daemon has no worker left.
@@ -111,10 +114,13 @@ pub async fn measure(daemon: &Daemon, n_small: usize, n_big: usize) -> anyhow::R
             &forked,
             Some(spawn_target),
         ));
-        let (z, f) = (pss(daemon, zygote).await?, pss(daemon, fork).await?);
+        let ((z, zygote_pss), (f, _)) = (pss(daemon, zygote).await?, pss(daemon, fork).await?);
         rows.push(Row::new(
             "zygote",
-            format!("PSS of {WORKERS} workers (and their zygote), {label}"),
+            format!(
+                "PSS of {WORKERS} workers, {label} (their zygote: {:.2} MiB more)",
+                mib(zygote_pss)
+            ),
             "MiB",
             (mib(z), None),
             "plain fork",

@@ -218,7 +218,9 @@ pub fn children(pid: u32) -> Vec<u32> {
 /// The zygotes among the children of `pid`.
 #[allow(dead_code)]
 pub fn zygotes(pid: u32) -> Vec<u32> {
-    all_children(pid).into_iter().filter(|&c| is_zygote(c)).collect()
+    let zygote =
+        |c: &u32| fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|t| t.starts_with("wz:"));
+    all_children(pid).into_iter().filter(zygote).collect()
 }
 
 fn all_children(pid: u32) -> Vec<u32> {
@@ -236,9 +238,11 @@ pub fn zygote_of(pid: u32, module: &str) -> Option<u32> {
         .find(|c| fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|t| t == comm))
 }
 
-/// Whether `pid` is a zygote (by the name it gives itself), not a worker.
+/// Whether `pid` is a zygote or a zygote's spare worker still waiting for
+/// a connection (by the name it gives itself), not a worker.
 fn is_zygote(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("wz:"))
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|c| c.starts_with("wz:") || c.starts_with("ws:"))
 }
 
 /// The state letter of a process (`R`, `S`, `Z`, ...), or `None` if it is gone.

@@ -737,7 +737,7 @@ impl Daemon<'_> {
         let zygote_pids: Vec<i32> = self.zygotes.iter().flatten().filter_map(Zygote::pid).collect();
         let orphans: Vec<i32> = own_children()
             .into_iter()
-            .filter(|p| !self.workers.contains(p) && !zygote_pids.contains(p))
+            .filter(|p| !self.workers.contains(p) && !zygote_pids.contains(p) && !is_spare(*p))
             .collect();
         let z = self.zygotes[index].as_mut().expect("a zygote module");
         let served = orphans.len().min(z.inflight.len());
@@ -846,6 +846,12 @@ fn own_children() -> Vec<i32> {
     let path = format!("/proc/{pid}/task/{pid}/children");
     let text = fs::read_to_string(path).unwrap_or_default();
     text.split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+/// Whether `pid` is a zygote's spare worker still waiting for a connection
+/// (it ends on its own once its zygote's socket closes).
+fn is_spare(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("ws:"))
 }
 
 impl Zygote {

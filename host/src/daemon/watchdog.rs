@@ -53,6 +53,8 @@ struct Shared {
     origin: Instant,
     /// The engine whose epoch interrupts the guest, once the module is known.
     engine: OnceLock<Engine>,
+    /// The client's connection, once known.
+    conn: OnceLock<OwnedFd>,
     /// Grace period after the current deadline before the process ends.
     grace_ns: AtomicU64,
     /// Whether a call is running.
@@ -72,12 +74,13 @@ impl Shared {
 }
 
 impl Watchdog {
-    /// Starts the watchdog for the connection `conn` (a duplicate of the
-    /// worker's socket); no guest entry may outlast `hung_timeout`.
-    pub fn start(conn: OwnedFd, hung_timeout: Duration) -> std::io::Result<Watchdog> {
+    /// Starts the watchdog, before its connection is known (see
+    /// [`Watchdog::watch`]); no guest entry may outlast `hung_timeout`.
+    pub fn start(hung_timeout: Duration) -> std::io::Result<Watchdog> {
         let shared = Arc::new(Shared {
             origin: Instant::now(),
             engine: OnceLock::new(),
+            conn: OnceLock::new(),
             grace_ns: AtomicU64::new(GRACE_NS),
             busy: AtomicBool::new(false),
             seq: AtomicU64::new(0),
@@ -85,8 +88,7 @@ impl Watchdog {
             parked: AtomicBool::new(false),
         });
         let state = shared.clone();
-        let handle =
-            thread::Builder::new().name("watchdog".into()).spawn(move || watch(&state, &conn))?;
+        let handle = thread::Builder::new().name("watchdog".into()).spawn(move || watch(&state))?;
         Ok(Watchdog {
             shared,
             thread: handle.thread().clone(),
@@ -94,6 +96,12 @@ impl Watchdog {
             cpu_at_begin: Cell::new(Duration::ZERO),
             backstop: harden::CpuBackstop::default(),
         })
+    }
+
+    /// Watches `conn` (a duplicate of the worker's socket) for the
+    /// client's hang-up from now on.
+    pub fn watch(&self, conn: OwnedFd) {
+        let _ = self.shared.conn.set(conn);
     }
 
     /// Gives the watchdog the engine whose epoch interrupts the guest.
@@ -144,7 +152,7 @@ impl Watchdog {
     }
 }
 
-fn watch(s: &Shared, conn: &OwnedFd) {
+fn watch(s: &Shared) {
     let mut interrupted = 0;
     loop {
         if !s.busy.load(SeqCst) {
@@ -168,7 +176,14 @@ fn watch(s: &Shared, conn: &OwnedFd) {
             d => TICK.min(Duration::from_nanos(d.saturating_add(grace_ns).saturating_sub(now))),
         };
         let same_call = || s.busy.load(SeqCst) && s.seq.load(SeqCst) == seq;
-        if client_gone(conn, wait) && same_call() {
+        let gone = match s.conn.get() {
+            Some(conn) => client_gone(conn, wait),
+            None => {
+                thread::sleep(wait);
+                false
+            }
+        };
+        if gone && same_call() {
             // Only while the guest still runs: once the call is over the main
             // thread sees the hang-up itself and ends the worker in order
             // (a client that closes right after a refusal or a reply is no

@@ -119,14 +119,25 @@ pub enum Start<'a> {
     /// Forked by the daemon: the worker instantiates the guest and runs its
     /// init hook itself.
     Fresh(&'a LoadedModule),
-    /// Forked from the module's zygote, with the guest already built.
-    Zygote(&'a LoadedModule, Box<Ready>),
+    /// Forked from the module's zygote, with the guest already built and
+    /// the worker's preparations made while it waited for a client.
+    Zygote(&'a LoadedModule, &'a mut Ready, HeadStart),
 }
 
-impl<'a> Start<'a> {
-    fn module(&self) -> &'a LoadedModule {
-        match self {
-            Start::Fresh(m) | Start::Zygote(m, _) => m,
+/// What a worker forked ahead of demand readied before its client came.
+pub struct HeadStart {
+    /// Whether walling in the process worked.
+    pub walled: Result<(), ErrorReply>,
+    /// Its watchdog, started.
+    pub watchdog: io::Result<Watchdog>,
+}
+
+impl HeadStart {
+    /// Walls in a worker forked from a zygote and starts its watchdog.
+    pub fn new(options: &Options<'_>) -> HeadStart {
+        HeadStart {
+            walled: wall_in_forked(options.filter),
+            watchdog: Watchdog::start(options.hung_timeout),
         }
     }
 }
@@ -226,31 +237,33 @@ impl<'a> Connection<'a> {
     fn serve(&mut self, start: Start<'_>, hello: &Hello) -> Result<(), ConnError> {
         // The watchdog runs from the start: instantiation, init and setup
         // can hang as well as a call can.
-        let watchdog = Watchdog::start(
-            self.writer.dup_fd().map_err(ConnError::Watchdog)?,
-            self.options.hung_timeout,
-        )
-        .map_err(ConnError::Watchdog)?;
-        let module = start.module();
+        let (module, forked, watchdog) = match start {
+            Start::Fresh(module) => (module, None, Watchdog::start(self.options.hung_timeout)),
+            Start::Zygote(module, ready, head_start) => {
+                (module, Some((ready, head_start.walled)), head_start.watchdog)
+            }
+        };
+        let watchdog = watchdog.map_err(ConnError::Watchdog)?;
+        watchdog.watch(self.writer.dup_fd().map_err(ConnError::Watchdog)?);
         title::set(&format!("wasm-task worker {}", module.name), &format!("wt:{}", module.name));
         info!(module = %module.name, client = ?hello.client, "client connected");
 
         let started = Instant::now();
         watchdog.attach(&module.engine);
         let bound = watchdog.begin(None);
-        let ready = match start {
-            Start::Fresh(module) => {
-                build_guest(module, log_budget(self.options.max_frame), self.options.filter)
-            }
-            Start::Zygote(_, ready) => wall_in_forked(self.options.filter).map(|()| *ready),
+        let mut fresh = None;
+        let ready = match forked {
+            None => build_guest(module, log_budget(self.options.max_frame), self.options.filter)
+                .map(|built| &mut *fresh.insert(built)),
+            Some((ready, walled)) => walled.map(|()| ready),
         };
         watchdog.end();
-        let mut ready = match ready.map_err(|e| explain_timeout(e, bound, &self.options)) {
+        let ready = match ready.map_err(|e| explain_timeout(e, bound, &self.options)) {
             Ok(ready) => ready,
             Err(e) => return Err(self.refuse_with(setup_failure(e))),
         };
         debug!(elapsed_us = started.elapsed().as_micros() as u64, "guest ready");
-        let reply = self.start_guest(module, &mut ready, &watchdog)?;
+        let reply = self.start_guest(module, ready, &watchdog)?;
         self.send(&Response::Hello(reply))?;
         info!(module = %module.name, "worker ready");
         let guest = &mut ready.guest;
@@ -463,7 +476,7 @@ fn lock_down(module: &LoadedModule, filter: Option<&Filter>) -> io::Result<()> {
 /// Walls in a worker forked from a zygote: the zygote's rlimits and filter
 /// carry over; the worker filter on top takes back what only a zygote may
 /// do (fork) and fills in this process's id.
-fn wall_in_forked(filter: Option<&Filter>) -> Result<(), ErrorReply> {
+pub fn wall_in_forked(filter: Option<&Filter>) -> Result<(), ErrorReply> {
     let Some(filter) = filter else { return Ok(()) };
     filter.install(std::process::id()).map_err(|e| ErrorReply {
         kind: ErrorKind::SetupFailed,

@@ -31,7 +31,10 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+    sendmsg, socketpair,
+};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 use wasmtime::Engine;
@@ -114,8 +117,8 @@ fn serve(
     filter: Option<&Filter>,
 ) -> i32 {
     let started = Instant::now();
-    let ready = match prepare(&sock, module, options, filter) {
-        Ok(ready) => Box::new(ready),
+    let mut ready = match prepare(&sock, module, options, filter) {
+        Ok(ready) => ready,
         Err(e) => {
             warn!(error = ?e.message, "building the guest failed; zygote exits");
             let _ = send(&sock, &Report::Failed(e));
@@ -128,39 +131,109 @@ fn serve(
         return 1;
     }
     loop {
-        let (conn, handoff) = match receive(&sock) {
-            Ok(Some(got)) => got,
+        match keep_a_spare(&sock, module, &mut ready, options) {
+            Ok(Some(pid)) => {
+                if let Err(e) = send(&sock, &Report::Spawned(pid)) {
+                    error!(error = %e, "cannot reach the daemon; zygote exits");
+                    return 1;
+                }
+            }
             Ok(None) => {
                 info!("the daemon closed its socket; zygote exits");
                 return 0;
             }
             Err(e) => {
-                error!(error = %e, "reading from the daemon failed; zygote exits");
+                error!(error = %e, "cannot fork a spare worker; zygote exits");
                 return 1;
             }
-        };
+        }
+    }
+}
+
+/// What a spare tells its zygote.
+const TAKEN: u8 = b't';
+const DAEMON_GONE: u8 = b'x';
+
+/// Forks a spare worker and waits until it has taken a connection; returns
+/// its pid then, or `None` once the daemon is gone.
+///
+/// The spare waits for the daemon's next connection itself, so that a
+/// client never waits for a fork: the zygote forks the next spare while
+/// the last one starts serving. A spare that dies before taking a
+/// connection is replaced.
+fn keep_a_spare(
+    sock: &OwnedFd,
+    module: &LoadedModule,
+    ready: &mut Ready,
+    options: worker::Options<'_>,
+) -> io::Result<Option<i32>> {
+    loop {
+        let (ours, theirs) =
+            socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)?;
         let forking = Instant::now();
         // SAFETY: this process has a single thread (checked in `prepare`),
         // so the child starts with consistent memory; it never returns
-        // from `become_worker`.
-        let report = match unsafe { fork_sibling() } {
-            Ok(0) => become_worker(&sock, conn, handoff, module, ready, options),
-            Ok(pid) => {
-                debug!(worker.pid = pid, fork_us = forking.elapsed().as_micros() as u64, "forked");
-                Report::Spawned(pid)
-            }
-            Err(e) => {
-                warn!(error = %e, "fork failed; dropping the connection");
-                Report::SpawnFailed(e.to_string())
+        // from `spare`.
+        let pid = match unsafe { fork_sibling() }? {
+            0 => spare(sock, theirs, module, ready, options),
+            pid => pid,
+        };
+        drop(theirs);
+        debug!(spare.pid = pid, fork_us = forking.elapsed().as_micros() as u64, "spare forked");
+        let mut word = [0u8; 1];
+        let said = loop {
+            match nix::unistd::read(&ours, &mut word) {
+                Ok(n) => break (n == 1).then_some(word[0]),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => break None,
             }
         };
-        // The zygote keeps no descriptor of a worker's connection.
-        drop(conn);
-        if let Err(e) = send(&sock, &report) {
-            error!(error = %e, "cannot reach the daemon; zygote exits");
-            return 1;
+        match said {
+            Some(TAKEN) => return Ok(Some(pid)),
+            Some(_) => return Ok(None),
+            None => {
+                warn!(spare.pid = pid, "a spare worker ended before taking a connection");
+                // Not faster than this, should spares keep dying.
+                thread::sleep(Duration::from_millis(10));
+            }
         }
     }
+}
+
+/// A spare worker: waits for a connection from the daemon, tells the
+/// zygote it took one, and serves it. Never returns.
+fn spare(
+    sock: &OwnedFd,
+    signal: OwnedFd,
+    module: &LoadedModule,
+    ready: &mut Ready,
+    options: worker::Options<'_>,
+) -> ! {
+    title::set(&format!("wasm-task spare {}", module.name), &format!("ws:{}", module.name));
+    // While no client waits: installing a filter and starting a thread
+    // take a while.
+    let head_start = worker::HeadStart::new(&options);
+    let got = receive(sock);
+    let word = if matches!(got, Ok(Some(_))) { TAKEN } else { DAEMON_GONE };
+    // The zygote may be gone; the daemon then finds this worker itself.
+    let _ = nix::sys::socket::send(signal.as_raw_fd(), &[word], MsgFlags::MSG_NOSIGNAL);
+    drop(signal);
+    match got {
+        Ok(Some((conn, handoff))) => {
+            become_worker(sock, conn, handoff, module, ready, head_start, options)
+        }
+        Ok(None) => exit_now(0),
+        Err(e) => {
+            error!(error = %e, "a spare could not read from the daemon");
+            exit_now(1)
+        }
+    }
+}
+
+fn exit_now(code: i32) -> ! {
+    // SAFETY: ends this forked child without running the daemon's
+    // exit-time handlers.
+    unsafe { libc::_exit(code) }
 }
 
 /// Builds the guest and runs its init hook, leaving this process with a
@@ -272,7 +345,8 @@ fn become_worker(
     conn: OwnedFd,
     handoff: Handoff,
     module: &LoadedModule,
-    ready: Box<Ready>,
+    ready: &mut Ready,
+    head_start: worker::HeadStart,
     options: worker::Options<'_>,
 ) -> ! {
     // The zygote's socket is not the worker's business. Its owner lives on
@@ -282,7 +356,7 @@ fn become_worker(
     rand::rng().reseed().ok();
     let hello = Hello { module: module.name.clone(), client: handoff.client };
     let stream = Stream::from_fd(conn, handoff.unix);
-    worker::run(stream, Start::Zygote(module, ready), &hello, options)
+    worker::run(stream, Start::Zygote(module, ready, head_start), &hello, options)
 }
 
 /// Forks this process as a sibling: the child's parent is this process's
