@@ -95,7 +95,7 @@ pub async fn cold_clients(daemon: &Daemon, n: usize) -> anyhow::Result<Samples> 
 }
 
 /// Waits (bounded) until the daemon has no worker left.
-async fn settle(daemon: &Daemon) -> anyhow::Result<()> {
+pub async fn settle(daemon: &Daemon) -> anyhow::Result<()> {
     let started = Instant::now();
     while !children(daemon.pid()).is_empty() {
         if started.elapsed() > Duration::from_secs(10) {

@@ -2,12 +2,11 @@
 //! workers, for a guest whose init builds a 64 MiB table and for one whose
 //! init is trivial.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::bail;
-
-use crate::harness::{Daemon, children, guests};
+use crate::harness::{Daemon, guests};
 use crate::report::{Better, Row, Samples};
+use crate::spawn::settle;
 use crate::sys;
 
 /// Workers whose memory is summed.
@@ -79,18 +78,6 @@ async fn pss(daemon: &Daemon, module: &str) -> anyhow::Result<(u64, u64)> {
         None => 0,
     };
     Ok((total, zygote))
-}
-
-/// Waits (bounded) until the daemon has no worker left.
-async fn settle(daemon: &Daemon) -> anyhow::Result<()> {
-    let started = Instant::now();
-    while !children(daemon.pid()).is_empty() {
-        if started.elapsed() > Duration::from_secs(10) {
-            bail!("workers did not exit");
-        }
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    }
-    Ok(())
 }
 
 /// Measures every pair and returns the rows.
