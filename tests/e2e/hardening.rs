@@ -25,7 +25,15 @@ fn workers_run_under_a_system_call_filter_without_new_privileges() {
     // own on top (which does not).
     assert_eq!(proc_status(worker.pid, "Seccomp_filters").as_deref(), Some("2"));
     assert_eq!(proc_status(worker.pid, "NoNewPrivs").as_deref(), Some("1"));
-    let zygote = crate::harness::zygotes(daemon.pid());
+    // A spare forked a moment ago may not have renamed itself yet.
+    let started = std::time::Instant::now();
+    let zygote = loop {
+        let zygotes = crate::harness::zygotes(daemon.pid());
+        if zygotes.len() == 1 || started.elapsed() > crate::harness::READY_BOUND {
+            break zygotes;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
     assert_eq!(zygote.len(), 1, "one zygote for the one module");
     assert_eq!(proc_status(zygote[0], "Seccomp_filters").as_deref(), Some("1"));
     // The daemon itself is not filtered.
@@ -171,6 +179,13 @@ fn workers_keep_none_of_the_daemons_descriptors() {
         let target = worker_fds.iter().find(|(n, _)| *n == fd).map(|(_, t)| t.as_str());
         assert_eq!(target, Some("/dev/null"), "fd {fd}");
     }
+    // Its connection (for reading, writing, and the watchdog) and no other
+    // socket: none of those its zygote talks to the daemon and to its
+    // spares with.
+    let mut sockets: Vec<&String> =
+        worker_fds.iter().map(|(_, t)| t).filter(|t| t.starts_with("socket:")).collect();
+    sockets.dedup();
+    assert_eq!(sockets.len(), 1, "{worker_fds:?}");
 }
 
 #[test]

@@ -296,6 +296,8 @@ impl Daemon<'_> {
     fn run(&mut self) -> anyhow::Result<()> {
         loop {
             let events = self.wait()?;
+            // First, while the queues are as they were polled.
+            self.check_waiting(&events.waiting);
             if events.signal && self.handle_signals()? {
                 return Ok(());
             }
@@ -303,7 +305,6 @@ impl Daemon<'_> {
                 self.read_reports(index, true);
                 self.flush(index);
             }
-            self.check_waiting(&events.waiting);
             self.read_hellos(&events.pending);
             if events.accept {
                 self.accept_all();
@@ -714,8 +715,13 @@ impl Daemon<'_> {
                 &mut byte,
                 MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
             ) {
-                Ok(0) | Err(_) => {
+                Ok(0) => {
                     debug!("a client waiting for its zygote hung up");
+                    z.queue.remove(at);
+                }
+                Err(Errno::EAGAIN | Errno::EINTR) => {}
+                Err(e) => {
+                    debug!(error = %e, "a connection waiting for its zygote broke");
                     z.queue.remove(at);
                 }
                 Ok(_) => w.watch = false,

@@ -175,7 +175,10 @@ fn keep_a_spare(
         // so the child starts with consistent memory; it never returns
         // from `spare`.
         let pid = match unsafe { fork_sibling() }? {
-            0 => spare(sock, theirs, module, ready, options),
+            0 => {
+                drop(ours);
+                spare(sock, theirs, module, ready, options)
+            }
             pid => pid,
         };
         drop(theirs);
@@ -247,8 +250,10 @@ fn prepare(
     // Opened while paths may still be opened; read after the filter is in.
     let stat = File::open("/proc/self/stat")
         .map_err(|e| setup_error(format!("opening /proc/self/stat: {e}")))?;
+    // Timers only: an I/O driver would also set up tokio's process-wide
+    // signal pipe, which every worker would then share.
     let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
+        .enable_time()
         .build()
         .map_err(|e| setup_error(format!("starting the runtime for init: {e}")))?;
     let built = {
