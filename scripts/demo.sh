@@ -13,6 +13,7 @@ rustup target add wasm32-wasip1
 cargo build --release --target wasm32-wasip1 -p hasher-guest
 cargo build -p wasm-task -p hasher-client
 
+target=${CARGO_TARGET_DIR:-target}
 tmp=$(mktemp -d)
 socket="$tmp/wasm-task.sock"
 daemon_pid=
@@ -25,8 +26,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-target/debug/wasm-task serve --listen "unix:$socket" \
-    --module hasher=target/wasm32-wasip1/release/hasher_guest.wasm 2>"$tmp/daemon.log" &
+"$target/debug/wasm-task" serve --listen "unix:$socket" \
+    --module hasher="$target/wasm32-wasip1/release/hasher_guest.wasm" 2>"$tmp/daemon.log" &
 daemon_pid=$!
 
 # Wait (bounded) until the daemon listens.
@@ -37,7 +38,7 @@ for _ in $(seq 300); do
 done
 [ -S "$socket" ] || { echo "daemon did not start" >&2; cat "$tmp/daemon.log"; exit 1; }
 
-target/debug/hasher-client --address "unix:$socket" "$passwords"
+"$target/debug/hasher-client" --address "unix:$socket" "$passwords"
 
 kill -TERM "$daemon_pid"
 wait "$daemon_pid"

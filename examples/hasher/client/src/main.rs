@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! wasm-task serve --listen unix:/tmp/wt.sock \
-//!     --module hasher=target/wasm32-wasip1/release/hasher.wasm
+//!     --module hasher=target/wasm32-wasip1/release/hasher_guest.wasm
 //! hasher-client --address unix:/tmp/wt.sock passwords.txt
 //! ```
 

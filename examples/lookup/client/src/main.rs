@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! wasm-task serve --listen unix:/tmp/wt.sock \
-//!     --module lookup=target/wasm32-wasip1/release/lookup.wasm \
+//!     --module lookup=target/wasm32-wasip1/release/lookup_guest.wasm \
 //!     --dir lookup=examples/lookup/data:/data:ro
 //! lookup-client --address unix:/tmp/wt.sock France Peru Atlantis
 //! ```
