@@ -684,7 +684,15 @@ impl Daemon<'_> {
         while let Some(w) = z.queue.front() {
             let keep = match w.fd.try_clone() {
                 Ok(fd) => fd,
-                Err(e) => return warn!(error = %e, "cannot keep a copy of a connection"),
+                Err(e) => {
+                    // Out of descriptors: waiting would only spin on the
+                    // socket's writability.
+                    warn!(error = %e, "cannot keep a copy of a connection; refusing it");
+                    let w = z.queue.pop_front().expect("looked at above");
+                    let message = format!("the daemon could not hand the connection over: {e}");
+                    refuse_fd(w.fd, w.handoff.unix, setup_error(message));
+                    continue;
+                }
             };
             match zygote::send_with(sock, &w.handoff, Some(&w.fd)) {
                 Ok(()) => {
