@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 
 use super::guest::{Guest, Prepared, log_budget};
-use super::hello::Hello;
-use super::hello::source_of;
+use super::hello::{Hello, source_of};
 use super::modules::{LoadedModule, MEMORY_FOOTPRINT};
 use super::seccomp::Filter;
 use super::watchdog::{Bound, Watchdog};
