@@ -212,7 +212,7 @@ pub fn signal(pid: u32, sig: i32) {
 
 /// Worker processes among the children of `pid` (its zygotes left out).
 pub fn children(pid: u32) -> Vec<u32> {
-    all_children(pid).into_iter().filter(|&c| !is_zygote(c)).collect()
+    all_children(pid).into_iter().filter(|&c| !is_zygote_or_spare(c)).collect()
 }
 
 /// The zygotes among the children of `pid`.
@@ -240,7 +240,7 @@ pub fn zygote_of(pid: u32, module: &str) -> Option<u32> {
 
 /// Whether `pid` is a zygote or a zygote's spare worker still waiting for
 /// a connection (by the name it gives itself), not a worker.
-fn is_zygote(pid: u32) -> bool {
+fn is_zygote_or_spare(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/comm"))
         .is_ok_and(|c| c.starts_with("wz:") || c.starts_with("ws:"))
 }

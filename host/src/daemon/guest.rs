@@ -1,10 +1,9 @@
 //! One guest instance and the ABI spoken with it (see `docs/abi.md`).
 
+use std::convert::Infallible;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-use std::convert::Infallible;
 
 use rand::rngs::{StdRng, SysRng};
 use rand::{Rng, SeedableRng, TryCryptoRng, TryRng};
@@ -618,22 +617,34 @@ fn draw_from_the_kernel(wasi: &mut WasiCtxBuilder) {
     wasi.secure_random(ProcessRng::default()).insecure_random(ProcessRng::default());
 }
 
+/// Bumped in every process forked for guests (see [`forked`]), so that a
+/// generator can tell it now draws in another process without asking the
+/// kernel at each draw (WASI draws a byte at a time).
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+/// Marks this process as freshly forked from the daemon or a zygote: the
+/// random generators it inherited seed themselves afresh before their next
+/// draw. Called first thing in every such child.
+pub fn forked() {
+    FORKS.fetch_add(1, Ordering::Relaxed);
+    rand::rng().reseed().ok();
+}
+
 /// A ChaCha generator seeded from the kernel in the process that draws from
-/// it: in a forked child it notices the new process id and seeds itself
-/// afresh before its first draw there.
+/// it: in a forked child it seeds itself afresh before its first draw there.
 #[derive(Default)]
 struct ProcessRng {
-    /// The generator and the process it was seeded in.
-    seeded: Option<(StdRng, u32)>,
+    /// The generator, and [`FORKS`] when it was seeded.
+    seeded: Option<(StdRng, u64)>,
 }
 
 impl ProcessRng {
     fn rng(&mut self) -> &mut StdRng {
-        let pid = std::process::id();
-        if self.seeded.as_ref().is_none_or(|(_, seeded_in)| *seeded_in != pid) {
+        let forks = FORKS.load(Ordering::Relaxed);
+        if self.seeded.as_ref().is_none_or(|(_, seeded_at)| *seeded_at != forks) {
             let rng = StdRng::try_from_rng(&mut SysRng)
                 .unwrap_or_else(|_| StdRng::from_rng(&mut rand::rng()));
-            self.seeded = Some((rng, pid));
+            self.seeded = Some((rng, forks));
         }
         &mut self.seeded.as_mut().expect("seeded above").0
     }

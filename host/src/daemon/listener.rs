@@ -38,6 +38,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 use tracing::{debug, error, info, warn};
 
+use super::guest;
 use super::hello::{self, Hello, Pending, Progress, printable};
 use super::modules::Modules;
 use super::settings::Spawn;
@@ -906,7 +907,7 @@ fn enter_child(start: &ChildStart<'_>, keep: &[RawFd]) {
     }
     // fork() copied the parent's random generator state; without this all
     // siblings would draw the same "random" numbers.
-    rand::rng().reseed().ok();
+    guest::forked();
     // WASI's internal runtime (started on a guest's first file call, see
     // worker.rs) would otherwise start a thread per core in every worker;
     // one serves a guest that blocks its own thread anyway.

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 use wasmtime::Engine;
 
-use super::guest::log_budget;
+use super::guest::{self, log_budget};
 use super::hello::Hello;
 use super::modules::LoadedModule;
 use super::seccomp::{Filter, ZYGOTE_CLONE_FLAGS};
@@ -358,7 +358,6 @@ fn become_worker(
     // in the zygote's frame, which this process never returns to.
     // SAFETY: closes a descriptor nothing in this process uses again.
     unsafe { libc::close(sock.as_raw_fd()) };
-    rand::rng().reseed().ok();
     let hello = Hello { module: module.name.clone(), client: handoff.client };
     let stream = Stream::from_fd(conn, handoff.unix);
     worker::run(stream, Start::Zygote(module, ready, head_start), &hello, options)
@@ -376,6 +375,10 @@ unsafe fn fork_sibling() -> io::Result<i32> {
     // as fork does; the caller guarantees a single thread.
     let rc =
         unsafe { libc::syscall(libc::SYS_clone, ZYGOTE_CLONE_FLAGS as libc::c_ulong, 0, 0, 0, 0) };
+    if rc == 0 {
+        // Siblings must not draw the zygote's random numbers.
+        guest::forked();
+    }
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc as i32) }
 }
 
