@@ -31,6 +31,7 @@ use wasm_task::daemon::{Config, ModuleSpec};
 
 use crate::harness::Daemon;
 use crate::report::Row;
+use crate::throughput::Mode;
 
 /// The rows, the round-trip samples to plot, and throughput by workers.
 type Measured = (Vec<Row>, (report::Samples, report::Samples), Vec<(f64, f64)>);
@@ -116,10 +117,16 @@ fn main() -> anyhow::Result<()> {
             rows.extend(spawn::rows(&spawned, &cold, &fork_baseline));
         }
         if wanted("throughput") {
-            let one = throughput::pooled(&daemon, 1, rounds, sizes.calls).await?;
-            let two = throughput::pooled(&daemon, 2, rounds, sizes.calls).await?;
-            rows.extend(throughput::rows(in_process, one, two));
-            throughput = vec![(1.0, one), (2.0, two)];
+            let mut measured = [[0.0; 2]; 2];
+            for (i, mode) in [Mode::HeldCheckouts, Mode::CheckoutPerCall].into_iter().enumerate() {
+                for workers in 1..=2 {
+                    measured[i][workers - 1] =
+                        throughput::pooled(&daemon, workers, rounds, sizes.calls, mode).await?;
+                }
+            }
+            let [held, per_call] = measured;
+            rows.extend(throughput::rows(in_process, per_call, held));
+            throughput = vec![(1.0, held[0]), (2.0, held[1])];
         }
         if wanted("queue") {
             rows.extend(queue::rows(&queue::run(&daemon, sizes.queue).await?));

@@ -55,7 +55,7 @@ pub fn write(
     chart.configure_mesh().x_desc("workers").y_desc("calls/s").x_labels(3).draw()?;
     chart
         .draw_series(LineSeries::new(throughput.iter().copied(), RED.stroke_width(2)))?
-        .label("wasm-task pool")
+        .label("wasm-task pool (held checkouts)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
     chart.draw_series(throughput.iter().map(|&(x, y)| Circle::new((x, y), 4, RED.filled())))?;
     let ideal = [(1.0, in_process), (2.0, 2.0 * in_process)];

@@ -89,7 +89,13 @@ pub async fn pingpong_calls(
     for id in 0..n as u64 {
         let started = Instant::now();
         let args = rmp_serde::to_vec_named(payload)?;
-        let call = Request::Call { id, method: "echo", args: &args, timeout_ms: Some(30_000) };
+        let call = Request::Call {
+            id,
+            method: "echo",
+            args: &args,
+            timeout_ms: Some(30_000),
+            unless_failed_since: None,
+        };
         framed.send(Bytes::from(rmp_serde::to_vec_named(&call)?)).await?;
         let frame = framed.next().await.context("ping-pong peer closed")??;
         let Response::Reply { result: Ok(Payload(bytes)), .. } = protocol::decode(&frame)? else {

@@ -1,11 +1,14 @@
 //! Throughput of a CPU-bound method on 1 and 2 workers, beside the same
 //! method called in-process on one thread.
 
-use std::sync::Arc;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use wasm_task::client::CallReport;
 use wasm_task::daemon::guest::{Guest, log_budget};
 use wasm_task::daemon::modules::Modules;
 use wasm_task::protocol::DEFAULT_MAX_FRAME;
@@ -42,60 +45,99 @@ pub fn in_process(modules: &Modules, calls: usize) -> anyhow::Result<(f64, u32)>
     Ok((calls as f64 / started.elapsed().as_secs_f64(), rounds))
 }
 
+/// How the throughput run keeps calls in flight.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    /// Every call its own checkout, with four checkouts per worker waiting.
+    CheckoutPerCall,
+    /// One checkout held per worker, with four calls made on each at a time:
+    /// the client sends them ahead, so a worker finds its next call waiting.
+    HeldCheckouts,
+}
+
+/// Calls made at a time per worker.
+const PER_WORKER: usize = 4;
+
 /// Calls per second through the pool with `workers` workers and many calls
-/// in flight (each call its own checkout).
+/// in flight, kept in flight as `mode` says.
 pub async fn pooled(
     daemon: &Daemon,
     workers: usize,
     rounds: u32,
     calls: usize,
+    mode: Mode,
 ) -> anyhow::Result<f64> {
     let client = daemon.client("bench").min_workers(workers).max_workers(workers).build();
     // Warm up: every worker connected and has run the method once.
     let warm: Vec<_> = (0..workers).map(|_| client.checkout()).collect();
-    for checkout in futures_util::future::try_join_all(warm).await? {
+    let held = futures_util::future::try_join_all(warm).await?;
+    for checkout in &held {
         checkout.call::<u64>("burn", &rounds).await?;
     }
 
-    let left = Arc::new(AtomicUsize::new(calls));
-    let (guest_us, cpu_us) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let left = AtomicUsize::new(calls);
+    let take =
+        || left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+    let spent = Spent::default();
     let started = Instant::now();
-    let tasks: Vec<_> = (0..workers * 4)
-        .map(|_| {
-            let (client, left) = (client.clone(), left.clone());
-            let (guest_us, cpu_us) = (guest_us.clone(), cpu_us.clone());
-            tokio::spawn(async move {
-                while left
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                    .is_ok()
-                {
+    match mode {
+        Mode::CheckoutPerCall => {
+            drop(held);
+            let streams = (0..workers * PER_WORKER).map(|_| async {
+                while take() {
                     let checkout = client.checkout().await?;
-                    let report = checkout.call_report::<u64>("burn", &rounds).await;
-                    report.result?;
-                    if let Some(stats) = report.timings.worker {
-                        guest_us.fetch_add(stats.wall_us as usize, Ordering::Relaxed);
-                        cpu_us.fetch_add(stats.cpu_us as usize, Ordering::Relaxed);
-                    }
+                    spent.add(checkout.call_report::<u64>("burn", &rounds).await)?;
                 }
                 anyhow::Ok(())
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await??;
+            });
+            futures_util::future::try_join_all(streams).await?;
+        }
+        Mode::HeldCheckouts => {
+            let streams = held.iter().map(|checkout| async {
+                let mut in_flight = FuturesUnordered::new();
+                loop {
+                    while in_flight.len() < PER_WORKER && take() {
+                        in_flight.push(checkout.call_report::<u64>("burn", &rounds));
+                    }
+                    let Some(report) = in_flight.next().await else { break };
+                    spent.add(report)?;
+                }
+                anyhow::Ok(())
+            });
+            futures_util::future::try_join_all(streams).await?;
+        }
     }
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!(
-        "throughput, {workers} workers: {:.0} us per call in the worker's guest ({:.0} us CPU), {:.0} us per call all in",
-        guest_us.load(Ordering::Relaxed) as f64 / calls as f64,
-        cpu_us.load(Ordering::Relaxed) as f64 / calls as f64,
+        "throughput, {workers} workers, {mode:?}: {:.0} us per call in the worker's guest ({:.0} us CPU), {:.0} us per call all in",
+        spent.guest_us.get() as f64 / calls as f64,
+        spent.cpu_us.get() as f64 / calls as f64,
         elapsed * 1e6 * workers as f64 / calls as f64
     );
     Ok(calls as f64 / elapsed)
 }
 
-/// The throughput rows.
-pub fn rows(in_process: f64, one: f64, two: f64) -> Vec<Row> {
+/// What the worker measured, summed over the calls.
+#[derive(Default)]
+struct Spent {
+    guest_us: Cell<u64>,
+    cpu_us: Cell<u64>,
+}
+
+impl Spent {
+    fn add(&self, report: CallReport<u64>) -> anyhow::Result<()> {
+        report.result?;
+        if let Some(stats) = report.timings.worker {
+            self.guest_us.set(self.guest_us.get() + stats.wall_us);
+            self.cpu_us.set(self.cpu_us.get() + stats.cpu_us);
+        }
+        Ok(())
+    }
+}
+
+/// The throughput rows: calls per second with 1 and 2 workers, each call
+/// its own checkout (`per_call`) and on held checkouts (`held`).
+pub fn rows(in_process: f64, per_call: [f64; 2], held: [f64; 2]) -> Vec<Row> {
     let row = |name: &str, value: f64, target: f64| {
         Row::new(
             "throughput",
@@ -108,5 +150,10 @@ pub fn rows(in_process: f64, one: f64, two: f64) -> Vec<Row> {
             Some(target),
         )
     };
-    vec![row("1 worker, ~250 us calls", one, 0.95), row("2 workers, ~250 us calls", two, 1.85)]
+    vec![
+        row("1 worker, ~250 us calls, held checkout", held[0], 0.95),
+        row("2 workers, ~250 us calls, held checkouts", held[1], 1.85),
+        row("1 worker, ~250 us calls, a checkout per call", per_call[0], 0.95),
+        row("2 workers, ~250 us calls, a checkout per call", per_call[1], 1.85),
+    ]
 }

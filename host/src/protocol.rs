@@ -55,6 +55,13 @@ pub enum Request<'a> {
         /// Time the worker grants the guest for this call, if the client has a
         /// deadline; the worker interrupts the guest when it runs out.
         timeout_ms: Option<u64>,
+        /// Set on a call sent before the replies to earlier calls arrived:
+        /// the id of the oldest of those. The worker then runs the call only
+        /// if no call with this id or a later one has failed (answered with
+        /// an error) on this connection, and otherwise answers
+        /// [`ErrorKind::Skipped`] without running it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unless_failed_since: Option<u64>,
     },
     /// The checkout that used this worker has ended: run the guest's
     /// checkout-done hook. Only sent when the hello said the guest has one.
@@ -148,12 +155,15 @@ pub enum ErrorKind {
     CheckoutDoneFailed,
     /// The peer broke the protocol (bad frame, wrong version, unexpected message).
     Protocol,
+    /// The call was not run: it was sent with `unless_failed_since` and a
+    /// call it depends on failed. The worker serves on.
+    Skipped,
 }
 
 impl ErrorKind {
     /// Whether a worker that reported this kind has exited or must not be reused.
     pub fn is_fatal(self) -> bool {
-        !matches!(self, ErrorKind::GuestError | ErrorKind::UnknownMethod)
+        !matches!(self, ErrorKind::GuestError | ErrorKind::UnknownMethod | ErrorKind::Skipped)
     }
 }
 
@@ -271,14 +281,21 @@ mod tests {
     fn call_round_trips_borrowing_from_the_frame() {
         let mut buf = Vec::new();
         let args = rmp_serde::to_vec(&(1, "two")).unwrap();
-        let req = Request::Call { id: 7, method: "add", args: &args, timeout_ms: Some(250) };
+        let req = Request::Call {
+            id: 7,
+            method: "add",
+            args: &args,
+            timeout_ms: Some(250),
+            unless_failed_since: None,
+        };
         encode_frame(&req, &mut buf).unwrap();
 
         let mut body = Vec::new();
         assert!(read_frame(&mut &buf[..], &mut body, DEFAULT_MAX_FRAME).unwrap());
         match decode::<Request>(&body).unwrap() {
-            Request::Call { id, method, args: got, timeout_ms } => {
+            Request::Call { id, method, args: got, timeout_ms, unless_failed_since } => {
                 assert_eq!((id, method, got, timeout_ms), (7, "add", &args[..], Some(250)));
+                assert_eq!(unless_failed_since, None);
             }
             other => panic!("unexpected {other:?}"),
         }

@@ -319,6 +319,36 @@ async fn cancelled_call_closes_the_worker() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn calls_made_while_one_runs_are_sent_ahead_and_giving_one_up_closes_the_worker() {
+    let daemon = FakeDaemon::running(Options::default());
+    let client = daemon.client().max_workers(1).timeout(None).build();
+    let checkout = client.checkout().await.unwrap();
+    let pid = checkout.worker_pid();
+
+    let mut slow = Box::pin(checkout.call::<()>("slow", &()));
+    assert!(slow.as_mut().now_or_never().is_none());
+    let mut ahead = Box::pin(checkout.call::<u8>("echo", &1u8));
+    assert!(ahead.as_mut().now_or_never().is_none());
+    let sent_ahead = wait_until("the worker got the echo while busy", || {
+        daemon.events_of(pid).contains(&"request while busy".into())
+    });
+    tokio::select! {
+        _ = &mut slow => panic!("the slow call ended first"),
+        () = sent_ahead => {}
+    }
+
+    // Its reply would now be taken for the next call's: the worker is closed
+    // once the call before it is answered.
+    drop(ahead);
+    slow.await.unwrap();
+    let err = checkout.call::<u8>("echo", &2u8).await.unwrap_err();
+    assert!(matches!(err, Error::WorkerClosed { .. }), "{err:?}");
+    wait_until("the worker is closed", || daemon.closed(pid)).await;
+    drop(checkout);
+    assert_ne!(client.checkout().await.unwrap().worker_pid(), pid);
+}
+
+#[tokio::test(start_paused = true)]
 async fn checkout_done_hook_runs_before_the_worker_is_reused() {
     let daemon = FakeDaemon::running(Options { hook: true, ..Options::default() });
     let client = daemon.client().max_workers(1).build();

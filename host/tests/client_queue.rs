@@ -38,7 +38,11 @@ async fn calls_queued_behind_a_failure_fail_at_once_naming_it_and_later_calls_ru
         assert_eq!(earlier_method, "fail");
         assert!(matches!(**earlier, Error::GuestError { .. }), "{earlier:?}");
     }
-    assert_eq!(calls_seen(&daemon, pid), ["call echo", "call fail"], "skipped calls never left");
+    assert_eq!(calls_seen(&daemon, pid), ["call echo", "call fail"], "skipped calls never ran");
+    // They were sent ahead while the first call ran, and the worker skipped them.
+    let skips: Vec<_> =
+        daemon.events_of(pid).into_iter().filter(|e| e.starts_with("skip ")).collect();
+    assert_eq!(skips, ["skip echo", "skip pid"]);
 
     // A call made after the failure runs on the same worker.
     assert_eq!(checkout.call::<u32>("pid", &()).await.unwrap(), pid);

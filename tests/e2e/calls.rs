@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 use wasm_task::Error;
 
-use crate::harness::{Daemon, alive, eventually};
+use crate::harness::{Daemon, RawWorker, alive, eventually};
+use wasm_task::protocol::ErrorKind;
 
 #[derive(Serialize)]
 struct AddArgs<'a> {
@@ -168,4 +169,30 @@ async fn hasher_example_hashes_and_verifies_passwords() {
     assert!(!wrong);
     let err = worker.call::<bool>("verify", &Verify { password: "x", hash: "not a hash" }).await;
     assert!(matches!(err, Err(Error::GuestError { .. })), "{err:?}");
+}
+
+#[test]
+fn calls_sent_ahead_are_skipped_after_a_failure_they_depend_on() {
+    let daemon = Daemon::start(&[]);
+    let mut worker = RawWorker::connect(&daemon, "testguest");
+    let decode = |bytes: &[u8]| rmp_serde::from_slice::<u64>(bytes).unwrap();
+
+    // Sent together, as a client sends calls ahead: those behind the first
+    // run only if no call from the first on has failed.
+    let first = worker.send("incr", &(), None, None).unwrap();
+    worker.send("fail", &"bad input", None, Some(first)).unwrap();
+    worker.send("incr", &(), None, Some(first)).unwrap();
+    assert_eq!(decode(&worker.receive().unwrap().result.unwrap()), 1);
+    let failed = worker.receive().unwrap().result.unwrap_err();
+    assert_eq!((failed.kind, failed.message.as_str()), (ErrorKind::GuestError, "bad input"));
+    let skipped = worker.receive().unwrap();
+    let error = skipped.result.unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Skipped, "{error:?}");
+    assert!(error.message.contains(&format!("call {}", first + 1)), "{}", error.message);
+
+    // A call sent after the failure was seen depends only on calls after it,
+    // and the skipped one did not run.
+    let after = worker.send("incr", &(), None, Some(skipped.id)).unwrap();
+    let reply = worker.receive().unwrap();
+    assert_eq!((reply.id, decode(&reply.result.unwrap())), (after, 2));
 }

@@ -420,6 +420,8 @@ pub struct RawWorker {
 /// A reply read by [`RawWorker::call`], owned.
 #[derive(Debug)]
 pub struct RawReply {
+    /// The id of the call it answers.
+    pub id: u64,
     /// The result bytes (MessagePack) or the worker's error.
     pub result: Result<Vec<u8>, wasm_task::protocol::ErrorReply>,
     /// The log records that came with it.
@@ -458,20 +460,47 @@ impl RawWorker {
         args: &impl serde::Serialize,
         timeout_ms: Option<u64>,
     ) -> Option<RawReply> {
-        use wasm_task::protocol::{self, Request, Response};
+        let id = self.send(method, args, timeout_ms, None)?;
+        let reply = self.receive()?;
+        assert_eq!(reply.id, id, "a reply to another call");
+        Some(reply)
+    }
+
+    /// Sends a call without waiting for its reply; its id, or `None` if the
+    /// connection closed.
+    pub fn send(
+        &mut self,
+        method: &str,
+        args: &impl serde::Serialize,
+        timeout_ms: Option<u64>,
+        unless_failed_since: Option<u64>,
+    ) -> Option<u64> {
+        use wasm_task::protocol::{self, Request};
         self.next_id += 1;
         let args = rmp_serde::to_vec(args).unwrap();
-        let call = Request::Call { id: self.next_id, method, args: &args, timeout_ms };
+        let call = Request::Call {
+            id: self.next_id,
+            method,
+            args: &args,
+            timeout_ms,
+            unless_failed_since,
+        };
         let mut frame = Vec::new();
         protocol::encode_frame(&call, &mut frame).unwrap();
         std::io::Write::write_all(&mut self.stream, &frame).ok()?;
+        Some(self.next_id)
+    }
+
+    /// Reads the next reply; `None` if the connection closed.
+    pub fn receive(&mut self) -> Option<RawReply> {
+        use wasm_task::protocol::{self, Response};
         let mut body = Vec::new();
         if !protocol::read_frame(&mut self.stream, &mut body, usize::MAX).ok()? {
             return None;
         }
         match protocol::decode::<Response>(&body).unwrap() {
-            Response::Reply { result, logs, stats, .. } => {
-                Some(RawReply { result: result.map(|p| p.0.to_vec()), logs, stats })
+            Response::Reply { id, result, logs, stats } => {
+                Some(RawReply { id, result: result.map(|p| p.0.to_vec()), logs, stats })
             }
             other => panic!("expected a reply, got {other:?}"),
         }

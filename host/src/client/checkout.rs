@@ -1,12 +1,13 @@
 //! A worker checked out for exclusive use, and the calls made on it.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, MutexGuard as StdGuard, PoisonError};
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{Mutex, MutexGuard, Notify};
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -17,7 +18,7 @@ use super::pool::Pool;
 use super::release::release;
 use super::report::{CallReport, CallTimings};
 use super::status::Retirement;
-use super::worker::{CallSpec, Worker};
+use super::worker::{Answer, CallSpec, Worker};
 use crate::protocol::LogRecord;
 
 /// Exclusive use of one worker, from [`Client::checkout`](super::Client::checkout).
@@ -41,6 +42,10 @@ pub struct Checkout {
     /// run in the order they were made.
     seat: Arc<Mutex<Seat>>,
     ledger: std::sync::Mutex<Ledger>,
+    /// The calls made and not yet answered, in the order they were made.
+    outbox: std::sync::Mutex<Outbox>,
+    /// Tells the call holding the worker that a call was made.
+    queued: Notify,
     /// Cancelled by [`Checkout::abort`].
     abort: CancellationToken,
 }
@@ -51,6 +56,72 @@ struct Seat {
     worker: Option<Worker>,
     /// Whether the worker returned an error during the checkout.
     tainted: bool,
+}
+
+/// The calls of a checkout that were made and are not yet answered.
+///
+/// The call holding the worker sends, while it waits for its own reply,
+/// the requests of the calls queued behind it as they are made (as many as
+/// the pipeline's bounds allow), so that the worker finds its next call
+/// waiting when it is done with one. Each call still takes the worker in
+/// turn to read its own reply.
+#[derive(Default)]
+struct Outbox {
+    next_seq: u64,
+    /// Ordered by `seq`, which is also the order calls take the worker.
+    calls: VecDeque<Outgoing>,
+}
+
+/// A call made on the checkout, until it is answered or given up.
+struct Outgoing {
+    seq: u64,
+    ticket: Ticket,
+    method: String,
+    args: Vec<u8>,
+    sent: Sent,
+}
+
+/// A request taken from the outbox to be sent.
+struct Next {
+    seq: u64,
+    method: String,
+    args: Vec<u8>,
+}
+
+/// How far a call's request got.
+#[derive(Clone)]
+enum Sent {
+    /// Not sent yet.
+    No,
+    /// Sent as call `id`, at `at`.
+    Yes { id: u64, at: Instant },
+    /// Sending it failed before anything reached the worker.
+    Failed(Error),
+}
+
+impl Outbox {
+    fn position(&self, seq: u64) -> Option<usize> {
+        self.calls.binary_search_by_key(&seq, |call| call.seq).ok()
+    }
+
+    fn sent(&self, seq: u64) -> Sent {
+        self.position(seq).map_or(Sent::No, |i| self.calls[i].sent.clone())
+    }
+}
+
+/// A call's place in the outbox; dropping it takes the call out.
+struct Place<'a> {
+    outbox: &'a std::sync::Mutex<Outbox>,
+    seq: u64,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        let mut outbox = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = outbox.position(self.seq) {
+            outbox.calls.remove(i);
+        }
+    }
 }
 
 /// What a call gathers beside its result.
@@ -75,6 +146,8 @@ impl Checkout {
             deadline,
             seat: Arc::new(Mutex::new(Seat { worker: Some(worker), tainted: false })),
             ledger: std::sync::Mutex::default(),
+            outbox: std::sync::Mutex::default(),
+            queued: Notify::new(),
             abort: CancellationToken::new(),
         }
     }
@@ -160,6 +233,10 @@ impl Checkout {
         self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn outbox(&self) -> StdGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     async fn report<R: DeserializeOwned>(
         &self,
         method: &str,
@@ -169,7 +246,7 @@ impl Checkout {
         let timings = CallTimings { checkout_wait: self.waited, ..CallTimings::default() };
         let mut trace = Trace { logs: Vec::new(), timings };
         let result = match rmp_serde::to_vec_named(args) {
-            Ok(args) => self.before_deadline(method, &args, issued, &mut trace).await,
+            Ok(args) => self.before_deadline(method, args, issued, &mut trace).await,
             Err(source) => {
                 Err(Error::Encode { method: method.to_owned(), source: Arc::new(source) })
             }
@@ -180,28 +257,41 @@ impl Checkout {
     async fn before_deadline<R: DeserializeOwned>(
         &self,
         method: &str,
-        args: &[u8],
+        args: Vec<u8>,
         issued: Instant,
         trace: &mut Trace,
     ) -> Result<R, Error> {
-        let ticket = self.ledger().ticket()?;
+        // Ticket and place are taken together, and the worker's lock asked
+        // for before any await: the order of the three is the same.
+        let (ticket, place) = {
+            let ticket = self.ledger().ticket()?;
+            let mut outbox = self.outbox();
+            let seq = outbox.next_seq;
+            outbox.next_seq += 1;
+            let call = Outgoing { seq, ticket, method: method.to_owned(), args, sent: Sent::No };
+            outbox.calls.push_back(call);
+            (ticket, Place { outbox: &self.outbox, seq })
+        };
+        // The call holding the worker sends it ahead if it can.
+        self.queued.notify_one();
         let Some(deadline) = self.deadline else {
-            return self.in_turn(method, args, ticket, issued, trace).await;
+            return self.in_turn(method, &place, ticket, issued, trace).await;
         };
         if Instant::now() >= deadline {
             return Err(self.time_out(method));
         }
-        match timeout_at(deadline, self.in_turn(method, args, ticket, issued, trace)).await {
+        match timeout_at(deadline, self.in_turn(method, &place, ticket, issued, trace)).await {
             Ok(outcome) => outcome,
             Err(_) => Err(self.time_out(method)),
         }
     }
 
-    /// Waits for the calls made before this one, then makes it.
+    /// Waits for the calls made before this one, then makes it (unless it
+    /// was already sent ahead) and reads its reply.
     async fn in_turn<R: DeserializeOwned>(
         &self,
         method: &str,
-        args: &[u8],
+        place: &Place<'_>,
         ticket: Ticket,
         issued: Instant,
         trace: &mut Trace,
@@ -213,40 +303,141 @@ impl Checkout {
         };
         trace.timings.turn_wait = issued.elapsed();
         let mut turn = Turn { seat, in_call: false, deadline: self.deadline };
-        let skipped = self.ledger().skip(self.pid, method, ticket);
-        if let Some(error) = skipped {
-            if self.abort.is_cancelled() {
-                turn.close(Retirement::Aborted);
+        let sent = self.outbox().sent(place.seq);
+        let id = match sent {
+            Sent::Yes { id, .. } => Some(id),
+            Sent::No | Sent::Failed(_) => None,
+        };
+        // A call sent ahead is answered by the worker even when it is to be
+        // skipped: its reply must be read. One not sent is skipped here.
+        if id.is_none() || turn.seat.worker.is_none() {
+            let skipped = self.ledger().skip(self.pid, method, ticket);
+            if let Some(error) = skipped {
+                if self.abort.is_cancelled() {
+                    turn.close(Retirement::Aborted);
+                }
+                return Err(error);
             }
-            return Err(error);
         }
-        if turn.seat.worker.is_none() {
+        let Some(worker) = turn.seat.worker.as_ref() else {
+            return Err(Error::WorkerClosed { pid: self.pid, method: method.to_owned() });
+        };
+        if worker.oldest_in_flight() != id {
+            // A call sent ahead was given up before its reply was read: the
+            // replies no longer line up with the calls waiting for them.
+            tracing::warn!(worker.pid = self.pid, "a call sent ahead was dropped; closing worker");
+            turn.close(Retirement::Aborted);
             return Err(Error::WorkerClosed { pid: self.pid, method: method.to_owned() });
         }
+        if let Sent::Failed(error) = sent {
+            return self.settle(&mut turn, method, Err(error), None, Instant::now());
+        }
 
-        let timeout_ms =
-            self.deadline.map(|d| ceil_ms(d.saturating_duration_since(Instant::now())));
-        let spec = CallSpec { method, args, timeout_ms, started: self.started };
         turn.in_call = true;
-        let sent = Instant::now();
-        let answer = {
-            let worker = turn.seat.worker.as_mut().expect("checked above");
-            tokio::select! {
-                biased;
-                () = self.abort.cancelled() => None,
-                answer = worker.call::<R>(&spec) => Some(answer),
-            }
+        let answer = tokio::select! {
+            biased;
+            () = self.abort.cancelled() => None,
+            answer = self.exchange::<R>(&mut turn, method, place.seq) => Some(answer),
         };
         turn.in_call = false;
-        trace.timings.round_trip = sent.elapsed();
-
-        let Some(answer) = answer else {
+        let Some((answer, sent_at)) = answer else {
             turn.close(Retirement::Aborted);
             return Err(self.ledger().aborted_error(self.pid));
         };
+        trace.timings.round_trip = sent_at.map_or(Duration::ZERO, |at| at.elapsed());
         trace.logs = answer.logs;
         trace.timings.worker = answer.stats;
-        self.settle(&mut turn, method, answer.result, answer.retire, sent)
+        if answer.skipped {
+            // The worker skipped it for the failure the ledger has recorded.
+            if let Some(error) = self.ledger().skip(self.pid, method, ticket) {
+                return Err(error);
+            }
+        }
+        self.settle(&mut turn, method, answer.result, answer.retire, sent_at.unwrap_or(issued))
+    }
+
+    /// Sends this call's request if it was not sent ahead, then reads its
+    /// reply; meanwhile it sends the requests of the calls queued behind it,
+    /// as they are made, within the pipeline's bounds. Returns the answer
+    /// and when the request was sent.
+    async fn exchange<R: DeserializeOwned>(
+        &self,
+        turn: &mut Turn<'_>,
+        method: &str,
+        seq: u64,
+    ) -> (Answer<R>, Option<Instant>) {
+        let worker = turn.seat.worker.as_mut().expect("checked by the caller");
+        loop {
+            if let Some(error) = self.send_queued(worker).await {
+                return (Answer::failed(error, true), None);
+            }
+            if let Err(error) = worker.flush(method).await {
+                return (Answer::failed(error, true), None);
+            }
+            let (id, at) = match self.outbox().sent(seq) {
+                Sent::Yes { id, at } => (id, at),
+                Sent::Failed(error) => return (Answer::failed(error, false), None),
+                // The first call of the outbox, with nothing in flight ahead
+                // of it, is fed unless the checkout was aborted meanwhile.
+                Sent::No => {
+                    return (Answer::failed(self.ledger().aborted_error(self.pid), true), None);
+                }
+            };
+            let frame = tokio::select! {
+                biased;
+                frame = worker.next_frame() => frame,
+                () = self.queued.notified() => continue,
+            };
+            return (worker.answer(frame, id, method, self.started), Some(at));
+        }
+    }
+
+    /// Feeds the requests of the calls that may be sent now; on a failure
+    /// that leaves the connection unusable, the error.
+    async fn send_queued(&self, worker: &mut Worker) -> Option<Error> {
+        let timeout_ms =
+            self.deadline.map(|d| ceil_ms(d.saturating_duration_since(Instant::now())));
+        while let Some(next) = self.next_to_send(worker) {
+            let spec = CallSpec { method: &next.method, args: &next.args, timeout_ms };
+            let fed = worker.feed_call(&spec).await;
+            let mut outbox = self.outbox();
+            // A call given up meanwhile has no entry left; the next call to
+            // take the worker finds its reply unread and closes the worker.
+            let Some(i) = outbox.position(next.seq) else { continue };
+            match fed {
+                Ok(id) => outbox.calls[i].sent = Sent::Yes { id, at: Instant::now() },
+                Err(failure) if failure.retire => return Some(failure.error),
+                // Nothing was sent: its caller gets the error in its turn, and
+                // no later call goes ahead of it.
+                Err(failure) => {
+                    outbox.calls[i].sent = Sent::Failed(failure.error);
+                    break;
+                }
+            }
+        }
+        None
+    }
+
+    /// Takes the request of the first call whose request may be sent now:
+    /// not sent, not to be skipped, with no failed one before it, and within
+    /// the pipeline's bounds.
+    fn next_to_send(&self, worker: &Worker) -> Option<Next> {
+        let ledger = self.ledger();
+        let mut outbox = self.outbox();
+        for call in outbox.calls.iter_mut() {
+            match call.sent {
+                Sent::Yes { .. } => continue,
+                Sent::Failed(_) => return None,
+                Sent::No if ledger.skips(call.ticket) => continue,
+                Sent::No => {}
+            }
+            if !worker.has_room(call.args.len() + call.method.len()) {
+                return None;
+            }
+            let (method, args) = (std::mem::take(&mut call.method), std::mem::take(&mut call.args));
+            return Some(Next { seq: call.seq, method, args });
+        }
+        None
     }
 
     /// Records how a call that got an answer went, closing the worker if it
@@ -355,7 +546,8 @@ impl Drop for Checkout {
             let ledger = self.ledger();
             (ledger.is_aborted(), ledger.expired)
         };
-        if aborted {
+        if aborted || worker.oldest_in_flight().is_some() {
+            // A reply nobody will read would be taken for the next one's.
             worker.retire(Retirement::Aborted);
         } else if expired {
             worker.retire(Retirement::Timeout);

@@ -166,8 +166,22 @@ impl Connection {
 
     /// Encodes `msg` (structs as maps, as the protocol says) and sends it as one frame.
     pub(crate) async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), WireError> {
+        self.feed(msg).await?;
+        self.flush().await
+    }
+
+    /// Encodes `msg` into the send buffer, to go out with the next
+    /// [`flush`](Self::flush) (or earlier, once the buffer is large). Nothing
+    /// is buffered when it fails with [`WireError::TooLong`] or
+    /// [`WireError::Encode`].
+    pub(crate) async fn feed<T: Serialize>(&mut self, msg: &T) -> Result<(), WireError> {
         let body = rmp_serde::to_vec_named(msg)?;
-        self.framed.send(Bytes::from(body)).await
+        self.framed.feed(Bytes::from(body)).await
+    }
+
+    /// Writes out everything buffered.
+    pub(crate) async fn flush(&mut self) -> Result<(), WireError> {
+        self.framed.flush().await
     }
 
     /// Receives the body of the next frame.

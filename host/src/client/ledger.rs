@@ -57,6 +57,11 @@ impl Ledger {
         self.lost.clone()
     }
 
+    /// Whether a call holding `ticket` would be skipped now (see [`Ledger::skip`]).
+    pub(crate) fn skips(&self, ticket: Ticket) -> bool {
+        self.aborted || self.lost.is_some() || self.failures > ticket.0
+    }
+
     /// Records a call that failed with `error`; `lost` if the worker was
     /// closed because of it.
     pub(crate) fn failed(&mut self, method: &str, error: &Error, lost: bool) {

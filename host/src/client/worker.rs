@@ -1,9 +1,11 @@
 //! One worker as the client sees it: a connection that said hello, and the
 //! request/response exchanges made on it.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
@@ -27,6 +29,11 @@ pub(crate) struct Worker {
     hello: HelloReply,
     config: Arc<Config>,
     next_id: u64,
+    /// Calls sent whose replies are still to be read, oldest first: id and
+    /// size of the request.
+    in_flight: VecDeque<(u64, usize)>,
+    /// The sum of the sizes in `in_flight`.
+    in_flight_bytes: usize,
     /// How many checkouts this worker has been handed to.
     pub(crate) checkouts: u64,
     /// When the worker said hello.
@@ -49,15 +56,29 @@ pub(crate) enum ConnectFailure {
     Refused(Error),
 }
 
-/// What one call sends.
+/// Most calls sent ahead of the replies to earlier ones.
+const PIPELINE_DEPTH: usize = 64;
+
+/// Most bytes of requests in flight before another is sent ahead. Well
+/// within a socket's buffer, so that writing a request never waits for the
+/// worker, which may itself be waiting to write a reply that is not read
+/// until that write is done.
+const PIPELINE_BYTES: usize = 32 << 10;
+
+/// One call to send.
 pub(crate) struct CallSpec<'a> {
     pub(crate) method: &'a str,
     /// Arguments, already encoded as MessagePack.
     pub(crate) args: &'a [u8],
     /// Time the worker may give the guest.
     pub(crate) timeout_ms: Option<u64>,
-    /// Start of the checkout, for the elapsed time of a timeout error.
-    pub(crate) started: Instant,
+}
+
+/// A call that could not be sent.
+pub(crate) struct SendFailure {
+    pub(crate) error: Error,
+    /// Whether the connection is now unusable (otherwise nothing was sent).
+    pub(crate) retire: bool,
 }
 
 /// The outcome of one call, with what came back beside the result.
@@ -69,13 +90,15 @@ pub(crate) struct Answer<R> {
     pub(crate) logs: Vec<LogRecord>,
     /// What the call cost the worker, when a reply came.
     pub(crate) stats: Option<CallStats>,
+    /// The worker did not run the call, because a call sent before it failed.
+    pub(crate) skipped: bool,
 }
 
 impl<R> Answer<R> {
     /// A failure without a reply; `retire` if the connection is now unusable.
-    fn failed(error: Error, retire: bool) -> Self {
+    pub(crate) fn failed(error: Error, retire: bool) -> Self {
         let retire = retire.then(|| Retirement::after(&error));
-        Answer { result: Err(error), retire, logs: Vec::new(), stats: None }
+        Answer { result: Err(error), retire, logs: Vec::new(), stats: None, skipped: false }
     }
 }
 
@@ -139,6 +162,8 @@ impl Worker {
             hello,
             config,
             next_id: 1,
+            in_flight: VecDeque::new(),
+            in_flight_bytes: 0,
             checkouts: 0,
             born: now,
             idle_since: now,
@@ -201,18 +226,69 @@ impl Worker {
         id
     }
 
-    /// Calls a method and decodes its result.
+    /// The id of the oldest call whose reply is still to be read.
+    pub(crate) fn oldest_in_flight(&self) -> Option<u64> {
+        self.in_flight.front().map(|&(id, _)| id)
+    }
+
+    /// Whether a request of about `len` bytes may be sent now: always when
+    /// nothing is in flight, otherwise within the pipeline's bounds.
+    pub(crate) fn has_room(&self, len: usize) -> bool {
+        self.in_flight.is_empty()
+            || (self.in_flight.len() < PIPELINE_DEPTH
+                && self.in_flight_bytes.saturating_add(len) <= PIPELINE_BYTES)
+    }
+
+    /// Puts a call's request into the send buffer, to go out with the next
+    /// [`Worker::flush`], and returns its id. A request sent while others
+    /// are in flight asks the worker to skip it if one of those fails.
     ///
     /// Not cancel safe: dropping the future mid-way leaves the connection in an
     /// unknown state, and the caller must then close the worker.
-    pub(crate) async fn call<R: DeserializeOwned>(&mut self, spec: &CallSpec<'_>) -> Answer<R> {
-        let method = spec.method;
-        let id = self.next_id();
-        let request = Request::Call { id, method, args: spec.args, timeout_ms: spec.timeout_ms };
-        if let Err(err) = self.conn().send(&request).await {
-            return self.send_failure(method, err);
+    pub(crate) async fn feed_call(&mut self, spec: &CallSpec<'_>) -> Result<u64, SendFailure> {
+        let id = self.next_id;
+        let request = Request::Call {
+            id,
+            method: spec.method,
+            args: spec.args,
+            timeout_ms: spec.timeout_ms,
+            unless_failed_since: self.oldest_in_flight(),
+        };
+        if let Err(err) = self.conn().feed(&request).await {
+            return Err(self.send_failure(spec.method, err));
         }
-        let frame = match self.conn().recv().await {
+        self.next_id += 1;
+        let len = spec.args.len() + spec.method.len();
+        self.in_flight.push_back((id, len));
+        self.in_flight_bytes += len;
+        Ok(id)
+    }
+
+    /// Writes out the requests fed so far; on failure, the error to give
+    /// the call `method` (the connection is then unusable).
+    pub(crate) async fn flush(&mut self, method: &str) -> Result<(), Error> {
+        match self.conn().flush().await {
+            Ok(()) => Ok(()),
+            Err(err) => Err(self.recv_failure(method, err)),
+        }
+    }
+
+    /// Receives the next frame. Cancel safe: a frame read in part stays
+    /// buffered for the next call.
+    pub(crate) async fn next_frame(&mut self) -> Result<BytesMut, WireError> {
+        self.conn().recv().await
+    }
+
+    /// Takes `frame` (from [`Worker::next_frame`]) as the reply to call
+    /// `id`, the oldest in flight, and decodes its result.
+    pub(crate) fn answer<R: DeserializeOwned>(
+        &mut self,
+        frame: Result<BytesMut, WireError>,
+        id: u64,
+        method: &str,
+        started: Instant,
+    ) -> Answer<R> {
+        let frame = match frame {
             Ok(frame) => frame,
             Err(err) => return Answer::failed(self.recv_failure(method, err), true),
         };
@@ -233,8 +309,12 @@ impl Worker {
             let source = ProtocolError::WrongId { expected: id, got };
             return Answer::failed(self.protocol(source), true);
         }
+        if let Some((_, len)) = self.in_flight.pop_front() {
+            self.in_flight_bytes -= len;
+        }
         logs::emit(&self.origin(method), &logs);
 
+        let mut skipped = false;
         let (result, retire) = match result {
             Ok(payload) => (
                 rmp_serde::from_slice(payload.0).map_err(|source| Error::Decode {
@@ -244,13 +324,14 @@ impl Worker {
                 None,
             ),
             Err(reply) => {
+                skipped = reply.kind == ErrorKind::Skipped;
                 let fatal = reply.kind.is_fatal();
-                let error = self.reply_error(reply, spec);
+                let error = self.reply_error(reply, method, started);
                 let retire = fatal.then(|| Retirement::after(&error));
                 (Err(error), retire)
             }
         };
-        Answer { result, retire, logs, stats: Some(stats) }
+        Answer { result, retire, logs, stats: Some(stats), skipped }
     }
 
     /// Runs the guest's checkout-done hook.
@@ -286,16 +367,15 @@ impl Worker {
 
     /// Maps a failed send. Nothing reached the worker when the request was
     /// too large or could not be encoded, so the worker stays usable then.
-    fn send_failure<R>(&self, method: &str, err: WireError) -> Answer<R> {
-        match err {
+    fn send_failure(&self, method: &str, err: WireError) -> SendFailure {
+        let (error, retire) = match err {
             WireError::TooLong { len, max } => {
-                Answer::failed(Error::ArgsTooLarge { method: method.to_owned(), len, max }, false)
+                (Error::ArgsTooLarge { method: method.to_owned(), len, max }, false)
             }
-            WireError::Encode(err) => {
-                Answer::failed(self.protocol(ProtocolError::Encode(Arc::new(err))), false)
-            }
-            other => Answer::failed(self.recv_failure(method, other), true),
-        }
+            WireError::Encode(err) => (self.protocol(ProtocolError::Encode(Arc::new(err))), false),
+            other => (self.recv_failure(method, other), true),
+        };
+        SendFailure { error, retire }
     }
 
     /// Maps a failed receive; the worker is closed in every case.
@@ -315,9 +395,9 @@ impl Worker {
     }
 
     /// Maps an error reply from the worker onto the caller's error type.
-    fn reply_error(&self, reply: ErrorReply, spec: &CallSpec<'_>) -> Error {
+    fn reply_error(&self, reply: ErrorReply, method: &str, started: Instant) -> Error {
         let pid = self.pid();
-        let method = spec.method.to_owned();
+        let method = method.to_owned();
         let module = self.config.module.clone();
         let message = reply.message;
         match reply.kind {
@@ -327,12 +407,12 @@ impl Worker {
             }
             ErrorKind::Limit => Error::Limit { pid, method, message },
             ErrorKind::Timeout => {
-                Error::Timeout { phase: Phase::Calling { method }, elapsed: spec.started.elapsed() }
+                Error::Timeout { phase: Phase::Calling { method }, elapsed: started.elapsed() }
             }
             ErrorKind::UnknownMethod => Error::UnknownMethod { pid, method },
             ErrorKind::UnknownModule => Error::UnknownModule { module, message },
             ErrorKind::SetupFailed => Error::SetupFailed { module, message },
-            kind @ (ErrorKind::CheckoutDoneFailed | ErrorKind::Protocol) => {
+            kind @ (ErrorKind::CheckoutDoneFailed | ErrorKind::Protocol | ErrorKind::Skipped) => {
                 self.protocol(ProtocolError::Reported { kind, message })
             }
         }

@@ -266,6 +266,8 @@ impl<'a> Connection<'a> {
         self.send(&Response::Hello(reply))?;
         info!(module = %module.name, "worker ready");
         let guest = &mut ready.guest;
+        // The id of the last call that failed, for calls sent behind it.
+        let mut last_failed = None;
 
         loop {
             if !self.read()? {
@@ -279,9 +281,31 @@ impl<'a> Connection<'a> {
                 }
             };
             let fatal = match request {
-                Request::Call { id, method, args, timeout_ms } => {
-                    let timeout = timeout_ms.map(Duration::from_millis);
-                    call(&mut self.out, guest, &watchdog, id, method, args, timeout, self.options)?
+                Request::Call { id, method, args, timeout_ms, unless_failed_since } => {
+                    match unless_failed_since.zip(last_failed) {
+                        Some((since, failed)) if failed >= since => {
+                            skip(&mut self.out, id, failed)?;
+                            false
+                        }
+                        _ => {
+                            let timeout = timeout_ms.map(Duration::from_millis);
+                            let options = self.options;
+                            let outcome = call(
+                                &mut self.out,
+                                guest,
+                                &watchdog,
+                                id,
+                                method,
+                                args,
+                                timeout,
+                                options,
+                            )?;
+                            if outcome.failed {
+                                last_failed = Some(id);
+                            }
+                            outcome.fatal
+                        }
+                    }
                 }
                 Request::CheckoutDone { id } => {
                     let bound = watchdog.begin(None);
@@ -364,8 +388,26 @@ impl<'a> Connection<'a> {
     }
 }
 
-/// Runs one call and encodes its reply into `out`; returns whether the
-/// worker must exit afterwards.
+/// How a call went, for the serving loop.
+struct Outcome {
+    /// The reply is an error.
+    failed: bool,
+    /// The worker must exit after sending the reply.
+    fatal: bool,
+}
+
+/// Answers a call sent behind call `failed`, which failed, without running it.
+fn skip(out: &mut Vec<u8>, id: u64, failed: u64) -> Result<(), ConnError> {
+    debug!(id, failed, "call skipped: an earlier call failed");
+    let message = format!("not run: call {failed}, sent before it, failed");
+    let error = ErrorReply { kind: ErrorKind::Skipped, message, backtrace: None };
+    let reply =
+        Response::Reply { id, result: Err(error), logs: Vec::new(), stats: CallStats::default() };
+    protocol::encode_frame(&reply, out)?;
+    Ok(())
+}
+
+/// Runs one call and encodes its reply into `out`.
 #[allow(clippy::too_many_arguments)]
 fn call(
     out: &mut Vec<u8>,
@@ -376,7 +418,7 @@ fn call(
     args: &[u8],
     timeout: Option<Duration>,
     options: Options<'_>,
-) -> Result<bool, ConnError> {
+) -> Result<Outcome, ConnError> {
     let max_frame = options.max_frame;
     let started = Instant::now();
     debug!(method, timeout_ms = timeout.map(|t| t.as_millis() as u64), "calling");
@@ -400,6 +442,7 @@ fn call(
         fuel: guest.fuel_used(),
     };
     let logs = guest.take_logs();
+    let failed = result.is_err();
     let fatal = match &result {
         Ok(_) => {
             debug!(method, elapsed_us, "call succeeded");
@@ -423,9 +466,9 @@ fn call(
         let error = ErrorReply { kind: ErrorKind::Limit, message, backtrace: None };
         let reply = Response::Reply { id, result: Err(error), logs: Vec::new(), stats };
         protocol::encode_frame(&reply, out)?;
-        return Ok(true);
+        return Ok(Outcome { failed: true, fatal: true });
     }
-    Ok(fatal)
+    Ok(Outcome { failed, fatal })
 }
 
 /// Builds the guest's store, walls the process in, then instantiates.

@@ -2,7 +2,8 @@
 //! from inside the test's own runtime, with methods that misbehave on demand.
 //!
 //! Methods: `echo` (returns its arguments), `pid`, `slow` (answers after an
-//! hour unless the client goes away), `fail` (guest error), `trap` (guest trap,
+//! hour unless the client goes away; requests sent meanwhile are kept for
+//! later), `fail` (guest error), `trap` (guest trap,
 //! then closes), `worker_timeout` (a timeout reply, then closes), `hang_up`
 //! (closes without answering), `truncate` (half a frame, then closes), `huge`
 //! (announces a 1 MiB frame), `garbage` (a frame that is not MessagePack),
@@ -12,12 +13,13 @@
 
 #![allow(dead_code)] // each test file uses a different part
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
@@ -206,14 +208,21 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, seen: Arc<Seen>) {
     let mut conn = Framed::new(stream, LengthDelimitedCodec::new());
 
     if hello(&mut conn, &seen, pid).await {
+        let mut state = ConnState::default();
         loop {
-            let frame = tokio::select! {
-                frame = conn.next() => frame,
-                _ = kill.changed() => break,
+            let frame = match state.later.pop_front() {
+                Some(frame) => frame,
+                None => {
+                    let frame = tokio::select! {
+                        frame = conn.next() => frame,
+                        _ = kill.changed() => break,
+                    };
+                    let Some(Ok(frame)) = frame else { break };
+                    frame
+                }
             };
-            let Some(Ok(frame)) = frame else { break };
             let request: Request = rmp_serde::from_slice(&frame).expect("a valid request");
-            if !answer(&mut conn, &seen, pid, request).await {
+            if !answer(&mut conn, &seen, pid, request, &mut state).await {
                 break;
             }
         }
@@ -263,15 +272,41 @@ fn error(kind: ErrorKind, message: &str) -> ErrorReply {
     ErrorReply { kind, message: message.into(), backtrace: None }
 }
 
+/// What a connection remembers between requests.
+#[derive(Default)]
+struct ConnState {
+    /// Requests that arrived while a slow call ran, to answer next.
+    later: VecDeque<BytesMut>,
+    /// The id of the last call answered with an error.
+    last_failed: Option<u64>,
+}
+
 /// Answers one request; false when the connection must end.
 async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     seen: &Seen,
     pid: u32,
     request: Request<'_>,
+    state: &mut ConnState,
 ) -> bool {
     let (id, method, args, timeout_ms) = match request {
-        Request::Call { id, method, args, timeout_ms } => (id, method, args, timeout_ms),
+        Request::Call { id, method, args, timeout_ms, unless_failed_since } => {
+            if let Some((since, failed)) = unless_failed_since.zip(state.last_failed)
+                && failed >= since
+            {
+                seen.log(pid, format!("skip {method}"));
+                let skipped = error(ErrorKind::Skipped, "an earlier call failed");
+                let reply = Response::Reply {
+                    id,
+                    result: Err(skipped),
+                    logs: vec![],
+                    stats: CallStats::default(),
+                };
+                send(conn, &reply).await;
+                return true;
+            }
+            (id, method, args, timeout_ms)
+        }
         Request::CheckoutDone { id } => {
             seen.log(pid, "checkout_done");
             let error = seen.options.hook_fails.then(|| error(ErrorKind::CheckoutDoneFailed, "no"));
@@ -294,13 +329,26 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         }
         "pid" => send(conn, &reply(Ok(Payload(&pid_bytes)))).await,
         "slow" => {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
-                _ = conn.next() => return false,
+            let hour = tokio::time::sleep(Duration::from_secs(3600));
+            tokio::pin!(hour);
+            loop {
+                tokio::select! {
+                    _ = &mut hour => break,
+                    frame = conn.next() => match frame {
+                        Some(Ok(frame)) => {
+                            seen.log(pid, "request while busy");
+                            state.later.push_back(frame);
+                        }
+                        _ => return false,
+                    },
+                }
             }
             send(conn, &reply(Ok(Payload(args)))).await;
         }
-        "fail" => send(conn, &reply(Err(error(ErrorKind::GuestError, "bad input")))).await,
+        "fail" => {
+            state.last_failed = Some(id);
+            send(conn, &reply(Err(error(ErrorKind::GuestError, "bad input")))).await;
+        }
         "trap" => {
             let mut trap = error(ErrorKind::GuestTrap, "unreachable executed");
             trap.backtrace = Some("0: trap_here".into());
@@ -359,7 +407,10 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
             )
             .await;
         }
-        _ => send(conn, &reply(Err(error(ErrorKind::UnknownMethod, "no such method")))).await,
+        _ => {
+            state.last_failed = Some(id);
+            send(conn, &reply(Err(error(ErrorKind::UnknownMethod, "no such method")))).await;
+        }
     }
     true
 }

@@ -51,6 +51,24 @@ async fn queued_calls_run_in_order_and_those_behind_a_failure_fail_at_once() {
 }
 
 #[tokio::test]
+async fn calls_made_while_one_runs_are_on_their_way_before_it_ends() {
+    let daemon = Daemon::start(&[]);
+    let client = daemon.client("testguest").build();
+    let worker = client.checkout().await.unwrap();
+
+    let (slow, queued) = tokio::join!(
+        worker.call_report::<u64>("sleep_ms", &400u64),
+        worker.call_report::<u64>("echo", &7u64),
+    );
+    assert_eq!((slow.result.unwrap(), queued.result.unwrap()), (400, 7));
+    // Sent while the guest slept, the echo's reply came only after the
+    // sleep: its round trip spans most of it. Sent after, it would be well
+    // under a millisecond.
+    let round_trip = queued.timings.round_trip;
+    assert!(round_trip >= Duration::from_millis(200), "round trip {round_trip:?}");
+}
+
+#[tokio::test]
 async fn aborted_checkout_ends_its_call_kills_its_worker_and_fails_every_later_call() {
     let daemon = Daemon::start(&[]);
     let client = daemon
