@@ -11,7 +11,7 @@
 //! client                                   worker
 //!   Hello {version, module, client}  ---->
 //!                                    <----  Hello {pid, methods, ..} | Refused {error}
-//!   Call {id, method, args, timeout} ---->
+//!   Call {id, method, args, timeout, ..} ---->
 //!                                    <----  Reply {id, result, logs}
 //!   CheckoutDone {id}                ---->        (only if the guest has the hook)
 //!                                    <----  CheckoutDone {id, error, logs}
@@ -172,7 +172,8 @@ impl ErrorKind {
 pub struct CallStats {
     /// Wall-clock time the guest ran, in microseconds.
     pub wall_us: u64,
-    /// CPU time the worker process used during the call, in microseconds.
+    /// CPU time the worker's thread running the guest used during the
+    /// call, in microseconds.
     pub cpu_us: u64,
     /// Fuel the guest consumed, when the module runs with a fuel budget.
     pub fuel: Option<u64>,

@@ -171,10 +171,13 @@ impl Checkout {
     ///
     /// Arguments and result travel as MessagePack (structs as maps). Several
     /// calls may be made on one checkout without awaiting each: they run on
-    /// its worker one at a time, in the order they were made. If one fails,
-    /// those made before its failure and still waiting fail at once with
-    /// [`Error::EarlierCallFailed`]; calls made afterwards run normally as
-    /// long as the worker is there. Once the worker is lost (it trapped,
+    /// its worker one at a time, in the order they were made, their requests
+    /// sent ahead while earlier calls run. If one fails, those made before
+    /// its failure and still waiting fail at once with
+    /// [`Error::EarlierCallFailed`] (the worker skips those it already has);
+    /// calls made afterwards run normally as long as the worker is there. A
+    /// result that fails to decode is the one failure the worker does not
+    /// see: calls already sent behind it run and return their own results. Once the worker is lost (it trapped,
     /// died, hit a limit), every later call fails at once with the error
     /// that lost it; after [`abort`](Self::abort), with [`Error::Aborted`].
     ///

@@ -40,7 +40,8 @@ pub struct CallTimings {
     /// checkout.
     pub turn_wait: Duration,
     /// Time from sending the request to reading the reply; zero if the
-    /// request was never sent.
+    /// request was never sent. A request sent ahead of the replies to
+    /// earlier calls waits behind them in this time too.
     pub round_trip: Duration,
     /// What the worker measured (the guest's wall-clock and CPU time, fuel),
     /// when a reply came.

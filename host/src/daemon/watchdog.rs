@@ -35,7 +35,8 @@ pub struct Watchdog {
     shared: Arc<Shared>,
     thread: Thread,
     hung_timeout: Duration,
-    /// The process's CPU time when the current guest entry began.
+    /// The CPU time of the thread running the guest when the current guest
+    /// entry began.
     cpu_at_begin: Cell<Duration>,
     backstop: harden::CpuBackstop,
 }
@@ -119,16 +120,20 @@ impl Watchdog {
             _ => (self.hung_timeout, Bound::Hung, GRACE.min(self.hung_timeout)),
         };
         let backstop = limit.saturating_add(grace).as_secs().saturating_add(2);
-        let cpu = harden::process_cpu();
+        // The backstop limits the process's CPU time; the guest's thread
+        // stands for it, the watchdog thread using next to nothing beside
+        // the second of slack the backstop keeps.
+        let cpu = harden::thread_cpu();
         self.cpu_at_begin.set(cpu);
         self.backstop.ensure(cpu, backstop);
         self.arm(limit, grace);
         bound
     }
 
-    /// CPU time the process has used since the last [`Watchdog::begin`].
+    /// CPU time the calling thread (the guest's) has used since the last
+    /// [`Watchdog::begin`].
     pub fn cpu_since_begin(&self) -> Duration {
-        harden::process_cpu().saturating_sub(self.cpu_at_begin.get())
+        harden::thread_cpu().saturating_sub(self.cpu_at_begin.get())
     }
 
     fn arm(&self, timeout: Duration, grace: Duration) {
