@@ -152,5 +152,5 @@ async fn queued_call_reports_its_wait_for_the_turn() {
     assert!(matches!(slow.result, Err(Error::Timeout { .. })), "{:?}", slow.result);
     assert!(slow.timings.turn_wait.is_zero(), "{:?}", slow.timings);
     assert!(matches!(queued.result, Err(Error::Timeout { .. })), "{:?}", queued.result);
-    assert!(queued.timings.round_trip.is_zero(), "never sent: {:?}", queued.timings);
+    assert!(queued.timings.round_trip.is_zero(), "no reply read: {:?}", queued.timings);
 }

@@ -81,15 +81,7 @@ struct Outgoing {
     sent: Sent,
 }
 
-/// A request taken from the outbox to be sent.
-struct Next {
-    seq: u64,
-    method: String,
-    args: Vec<u8>,
-}
-
 /// How far a call's request got.
-#[derive(Clone)]
 enum Sent {
     /// Not sent yet.
     No,
@@ -99,13 +91,32 @@ enum Sent {
     Failed(Error),
 }
 
+/// A call's own request when its turn comes.
+enum Own {
+    /// Sent ahead as call `id`, at `at`.
+    Ahead { id: u64, at: Instant },
+    /// Not sent: its arguments, for the call to send itself.
+    Unsent(Vec<u8>),
+    /// Sending it failed before anything reached the worker.
+    Failed(Error),
+}
+
 impl Outbox {
     fn position(&self, seq: u64) -> Option<usize> {
         self.calls.binary_search_by_key(&seq, |call| call.seq).ok()
     }
 
-    fn sent(&self, seq: u64) -> Sent {
-        self.position(seq).map_or(Sent::No, |i| self.calls[i].sent.clone())
+    /// How far call `seq`'s request got, taking its arguments if it is
+    /// still to be sent (calls sent ahead are only those after the one
+    /// holding the worker, so nobody else sends it now).
+    fn take_turn(&mut self, seq: u64) -> Own {
+        let i = self.position(seq).expect("a call keeps its place until it ends");
+        let call = &mut self.calls[i];
+        match &call.sent {
+            Sent::No => Own::Unsent(std::mem::take(&mut call.args)),
+            Sent::Yes { id, at } => Own::Ahead { id: *id, at: *at },
+            Sent::Failed(error) => Own::Failed(error.clone()),
+        }
     }
 }
 
@@ -177,9 +188,10 @@ impl Checkout {
     /// [`Error::EarlierCallFailed`] (the worker skips those it already has);
     /// calls made afterwards run normally as long as the worker is there. A
     /// result that fails to decode is the one failure the worker does not
-    /// see: calls already sent behind it run and return their own results. Once the worker is lost (it trapped,
-    /// died, hit a limit), every later call fails at once with the error
-    /// that lost it; after [`abort`](Self::abort), with [`Error::Aborted`].
+    /// see: calls already sent behind it run and return their own results.
+    /// Once the worker is lost (it trapped, died, hit a limit), every later
+    /// call fails at once with the error that lost it; after
+    /// [`abort`](Self::abort), with [`Error::Aborted`].
     ///
     /// The worker is given the time left before the checkout's deadline. If
     /// the deadline passes, the call ends with [`Error::Timeout`] and the
@@ -266,17 +278,20 @@ impl Checkout {
     ) -> Result<R, Error> {
         // Ticket and place are taken together, and the worker's lock asked
         // for before any await: the order of the three is the same.
-        let (ticket, place) = {
+        let (ticket, place, behind) = {
             let ticket = self.ledger().ticket()?;
             let mut outbox = self.outbox();
+            let behind = !outbox.calls.is_empty();
             let seq = outbox.next_seq;
             outbox.next_seq += 1;
             let call = Outgoing { seq, ticket, method: method.to_owned(), args, sent: Sent::No };
             outbox.calls.push_back(call);
-            (ticket, Place { outbox: &self.outbox, seq })
+            (ticket, Place { outbox: &self.outbox, seq }, behind)
         };
-        // The call holding the worker sends it ahead if it can.
-        self.queued.notify_one();
+        if behind {
+            // The call holding the worker sends it ahead if it can.
+            self.queued.notify_one();
+        }
         let Some(deadline) = self.deadline else {
             return self.in_turn(method, &place, ticket, issued, trace).await;
         };
@@ -306,10 +321,16 @@ impl Checkout {
         };
         trace.timings.turn_wait = issued.elapsed();
         let mut turn = Turn { seat, in_call: false, deadline: self.deadline };
-        let sent = self.outbox().sent(place.seq);
-        let id = match sent {
-            Sent::Yes { id, .. } => Some(id),
-            Sent::No | Sent::Failed(_) => None,
+        let time_left = self.deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if time_left.is_some_and(|left| left.is_zero()) {
+            // The turn came with the deadline: time out, as the wait would have.
+            turn.close(Retirement::Timeout);
+            return Err(self.time_out(method));
+        }
+        let own = self.outbox().take_turn(place.seq);
+        let id = match own {
+            Own::Ahead { id, .. } => Some(id),
+            Own::Unsent(_) | Own::Failed(_) => None,
         };
         // A call sent ahead is answered by the worker even when it is to be
         // skipped: its reply must be read. One not sent is skipped here.
@@ -332,7 +353,7 @@ impl Checkout {
             turn.close(Retirement::Aborted);
             return Err(Error::WorkerClosed { pid: self.pid, method: method.to_owned() });
         }
-        if let Sent::Failed(error) = sent {
+        if let Own::Failed(error) = own {
             return self.settle(&mut turn, method, Err(error), None, Instant::now());
         }
 
@@ -340,7 +361,7 @@ impl Checkout {
         let answer = tokio::select! {
             biased;
             () = self.abort.cancelled() => None,
-            answer = self.exchange::<R>(&mut turn, method, place.seq) => Some(answer),
+            answer = self.exchange::<R>(&mut turn, method, place.seq, own, time_left) => Some(answer),
         };
         turn.in_call = false;
         let Some((answer, sent_at)) = answer else {
@@ -350,13 +371,16 @@ impl Checkout {
         trace.timings.round_trip = sent_at.map_or(Duration::ZERO, |at| at.elapsed());
         trace.logs = answer.logs;
         trace.timings.worker = answer.stats;
+        let mut retire = answer.retire;
         if answer.skipped {
-            // The worker skipped it for the failure the ledger has recorded.
-            if let Some(error) = self.ledger().skip(self.pid, method, ticket) {
-                return Err(error);
+            // The worker skipped it for the failure the ledger has recorded;
+            // skipping without one breaks the protocol.
+            match self.ledger().skip(self.pid, method, ticket) {
+                Some(error) => return Err(error),
+                None => retire = Some(Retirement::Error),
             }
         }
-        self.settle(&mut turn, method, answer.result, answer.retire, sent_at.unwrap_or(issued))
+        self.settle(&mut turn, method, answer.result, retire, sent_at.unwrap_or(issued))
     }
 
     /// Sends this call's request if it was not sent ahead, then reads its
@@ -368,24 +392,28 @@ impl Checkout {
         turn: &mut Turn<'_>,
         method: &str,
         seq: u64,
+        own: Own,
+        time_left: Option<Duration>,
     ) -> (Answer<R>, Option<Instant>) {
         let worker = turn.seat.worker.as_mut().expect("checked by the caller");
+        let (id, at) = match own {
+            Own::Ahead { id, at } => (id, at),
+            Own::Unsent(args) => {
+                let spec = CallSpec { method, args: &args, timeout_ms: time_left.map(ceil_ms) };
+                match worker.feed_call(&spec).await {
+                    Ok(id) => (id, Instant::now()),
+                    Err(failure) => return (Answer::failed(failure.error, failure.retire), None),
+                }
+            }
+            Own::Failed(error) => return (Answer::failed(error, false), None),
+        };
         loop {
-            if let Some(error) = self.send_queued(worker).await {
+            if let Some(error) = self.send_queued(worker, seq).await {
                 return (Answer::failed(error, true), None);
             }
             if let Err(error) = worker.flush(method).await {
                 return (Answer::failed(error, true), None);
             }
-            let (id, at) = match self.outbox().sent(seq) {
-                Sent::Yes { id, at } => (id, at),
-                Sent::Failed(error) => return (Answer::failed(error, false), None),
-                // The first call of the outbox, with nothing in flight ahead
-                // of it, is fed unless the checkout was aborted meanwhile.
-                Sent::No => {
-                    return (Answer::failed(self.ledger().aborted_error(self.pid), true), None);
-                }
-            };
             let frame = tokio::select! {
                 biased;
                 frame = worker.next_frame() => frame,
@@ -395,18 +423,19 @@ impl Checkout {
         }
     }
 
-    /// Feeds the requests of the calls that may be sent now; on a failure
-    /// that leaves the connection unusable, the error.
-    async fn send_queued(&self, worker: &mut Worker) -> Option<Error> {
-        let timeout_ms =
-            self.deadline.map(|d| ceil_ms(d.saturating_duration_since(Instant::now())));
-        while let Some(next) = self.next_to_send(worker) {
-            let spec = CallSpec { method: &next.method, args: &next.args, timeout_ms };
+    /// Feeds the requests of the calls made after call `after` that may be
+    /// sent now: not sent, not to be skipped, with no failed one before
+    /// them, and within the pipeline's bounds. On a failure that leaves the
+    /// connection unusable, the error.
+    async fn send_queued(&self, worker: &mut Worker, mut after: u64) -> Option<Error> {
+        while let Some((seq, method, args)) = self.next_to_send(worker, after) {
+            let spec = CallSpec { method: &method, args: &args, timeout_ms: self.time_left_ms() };
             let fed = worker.feed_call(&spec).await;
+            after = seq;
             let mut outbox = self.outbox();
             // A call given up meanwhile has no entry left; the next call to
             // take the worker finds its reply unread and closes the worker.
-            let Some(i) = outbox.position(next.seq) else { continue };
+            let Some(i) = outbox.position(seq) else { continue };
             match fed {
                 Ok(id) => outbox.calls[i].sent = Sent::Yes { id, at: Instant::now() },
                 Err(failure) if failure.retire => return Some(failure.error),
@@ -414,33 +443,35 @@ impl Checkout {
                 // no later call goes ahead of it.
                 Err(failure) => {
                     outbox.calls[i].sent = Sent::Failed(failure.error);
-                    break;
+                    return None;
                 }
             }
         }
         None
     }
 
-    /// Takes the request of the first call whose request may be sent now:
-    /// not sent, not to be skipped, with no failed one before it, and within
-    /// the pipeline's bounds.
-    fn next_to_send(&self, worker: &Worker) -> Option<Next> {
-        let ledger = self.ledger();
+    /// Takes the request (sequence number, method, arguments) of the first
+    /// call after call `after` that may be sent now.
+    fn next_to_send(&self, worker: &Worker, after: u64) -> Option<(u64, String, Vec<u8>)> {
         let mut outbox = self.outbox();
-        for call in outbox.calls.iter_mut() {
-            match call.sent {
-                Sent::Yes { .. } => continue,
-                Sent::Failed(_) => return None,
-                Sent::No if ledger.skips(call.ticket) => continue,
-                Sent::No => {}
-            }
-            if !worker.has_room(call.args.len() + call.method.len()) {
-                return None;
-            }
-            let (method, args) = (std::mem::take(&mut call.method), std::mem::take(&mut call.args));
-            return Some(Next { seq: call.seq, method, args });
+        let start = outbox.calls.partition_point(|call| call.seq <= after);
+        let mut skip_line = None;
+        let call = outbox.calls.range_mut(start..).find(|call| match call.sent {
+            Sent::Yes { .. } => false,
+            Sent::Failed(_) => true,
+            Sent::No => !skip_line.get_or_insert_with(|| self.ledger().skips()).skips(call.ticket),
+        })?;
+        if matches!(call.sent, Sent::Failed(_))
+            || !worker.has_room(call.args.len() + call.method.len())
+        {
+            return None;
         }
-        None
+        Some((call.seq, std::mem::take(&mut call.method), std::mem::take(&mut call.args)))
+    }
+
+    /// The time left before the deadline, in whole milliseconds rounded up.
+    fn time_left_ms(&self) -> Option<u64> {
+        self.deadline.map(|d| ceil_ms(d.saturating_duration_since(Instant::now())))
     }
 
     /// Records how a call that got an answer went, closing the worker if it

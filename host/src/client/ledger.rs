@@ -24,6 +24,20 @@ pub(crate) struct Ledger {
     pub(crate) expired: bool,
 }
 
+/// Which calls the ledger would skip, as of when it was read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SkipLine {
+    all: bool,
+    failures: u64,
+}
+
+impl SkipLine {
+    /// Whether the call holding `ticket` would be skipped.
+    pub(crate) fn skips(self, ticket: Ticket) -> bool {
+        self.all || self.failures > ticket.0
+    }
+}
+
 /// The position of a call in its checkout's history of failures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Ticket(u64);
@@ -57,9 +71,9 @@ impl Ledger {
         self.lost.clone()
     }
 
-    /// Whether a call holding `ticket` would be skipped now (see [`Ledger::skip`]).
-    pub(crate) fn skips(&self, ticket: Ticket) -> bool {
-        self.aborted || self.lost.is_some() || self.failures > ticket.0
+    /// Which calls would be skipped now (see [`Ledger::skip`]).
+    pub(crate) fn skips(&self) -> SkipLine {
+        SkipLine { all: self.aborted || self.lost.is_some(), failures: self.failures }
     }
 
     /// Records a call that failed with `error`; `lost` if the worker was
