@@ -196,3 +196,19 @@ fn calls_sent_ahead_are_skipped_after_a_failure_they_depend_on() {
     let reply = worker.receive().unwrap();
     assert_eq!((reply.id, decode(&reply.result.unwrap())), (after, 2));
 }
+
+#[test]
+fn call_stats_tell_cpu_time_from_wall_time() {
+    let daemon = Daemon::start(&[]);
+    let mut worker = RawWorker::connect(&daemon, "testguest");
+    let slept = worker.call("sleep_ms", &50u64, None).unwrap();
+    assert!(slept.result.is_ok(), "{:?}", slept.result);
+    // Spins until its deadline interrupts it; the reply still has its stats.
+    let spun = worker.call("spin", &(), Some(50)).unwrap();
+    assert_eq!(spun.result.unwrap_err().kind, ErrorKind::Timeout);
+
+    let (slept, spun) = (slept.stats, spun.stats);
+    assert!(slept.wall_us >= 50_000 && spun.wall_us >= 50_000, "{slept:?} {spun:?}");
+    assert!(spun.cpu_us > slept.cpu_us, "spinning used more CPU than sleeping: {slept:?} {spun:?}");
+    assert!(spun.cpu_us <= spun.wall_us + 1_000, "one thread's CPU within its wall time: {spun:?}");
+}
