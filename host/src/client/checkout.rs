@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, MutexGuard as StdGuard, PoisonError};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -38,8 +39,7 @@ pub struct Checkout {
     /// Time spent waiting for the worker.
     waited: Duration,
     deadline: Option<Instant>,
-    /// The worker, held by one call at a time; the lock is fair, so calls
-    /// run in the order they were made.
+    /// The worker, held by one call at a time: the first of the outbox.
     seat: Arc<Mutex<Seat>>,
     ledger: std::sync::Mutex<Ledger>,
     /// The calls made and not yet answered, in the order they were made.
@@ -79,6 +79,8 @@ struct Outgoing {
     method: String,
     args: Vec<u8>,
     sent: Sent,
+    /// Woken when the call becomes the first of the outbox: its turn.
+    waker: Option<Waker>,
 }
 
 /// How far a call's request got.
@@ -126,11 +128,31 @@ struct Place<'a> {
     seq: u64,
 }
 
+impl Place<'_> {
+    /// Waits until every call made before this one has ended.
+    fn first(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            let mut outbox = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
+            let first = outbox.calls.front_mut().expect("a call keeps its place until it ends");
+            if first.seq == self.seq {
+                return Poll::Ready(());
+            }
+            let i = outbox.position(self.seq).expect("a call keeps its place until it ends");
+            outbox.calls[i].waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+    }
+}
+
 impl Drop for Place<'_> {
     fn drop(&mut self) {
         let mut outbox = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(i) = outbox.position(self.seq) {
-            outbox.calls.remove(i);
+        let Some(i) = outbox.position(self.seq) else { return };
+        outbox.calls.remove(i);
+        if i == 0
+            && let Some(waker) = outbox.calls.front_mut().and_then(|next| next.waker.take())
+        {
+            waker.wake();
         }
     }
 }
@@ -284,7 +306,8 @@ impl Checkout {
             let behind = !outbox.calls.is_empty();
             let seq = outbox.next_seq;
             outbox.next_seq += 1;
-            let call = Outgoing { seq, ticket, method: method.to_owned(), args, sent: Sent::No };
+            let method = method.to_owned();
+            let call = Outgoing { seq, ticket, method, args, sent: Sent::No, waker: None };
             outbox.calls.push_back(call);
             (ticket, Place { outbox: &self.outbox, seq }, behind)
         };
@@ -314,10 +337,17 @@ impl Checkout {
         issued: Instant,
         trace: &mut Trace,
     ) -> Result<R, Error> {
+        // Turns go by the order calls were made, not by the order they
+        // first asked for the worker's lock: the two can differ (calls made
+        // from several threads, or a task out of its scheduling budget),
+        // and calls sent ahead must read their replies in the order sent.
         let seat = tokio::select! {
             biased;
             () = self.abort.cancelled() => return Err(self.ledger().aborted_error(self.pid)),
-            seat = self.seat.lock() => seat,
+            seat = async {
+                place.first().await;
+                self.seat.lock().await
+            } => seat,
         };
         trace.timings.turn_wait = issued.elapsed();
         let mut turn = Turn { seat, in_call: false, deadline: self.deadline };
@@ -408,12 +438,10 @@ impl Checkout {
             Own::Failed(error) => return (Answer::failed(error, false), None),
         };
         loop {
-            if let Some(error) = self.send_queued(worker, seq).await {
-                return (Answer::failed(error, true), None);
-            }
-            if let Err(error) = worker.flush(method).await {
-                return (Answer::failed(error, true), None);
-            }
+            // Sending fails only once the worker has closed the connection;
+            // its reply to this call may still be waiting to be read.
+            self.send_queued(worker, seq).await;
+            worker.flush().await;
             let frame = tokio::select! {
                 biased;
                 frame = worker.next_frame() => frame,
@@ -425,9 +453,9 @@ impl Checkout {
 
     /// Feeds the requests of the calls made after call `after` that may be
     /// sent now: not sent, not to be skipped, with no failed one before
-    /// them, and within the pipeline's bounds. On a failure that leaves the
-    /// connection unusable, the error.
-    async fn send_queued(&self, worker: &mut Worker, mut after: u64) -> Option<Error> {
+    /// them, and within the pipeline's bounds. Stops when the connection
+    /// breaks, leaving the rest unsent for their callers to find out.
+    async fn send_queued(&self, worker: &mut Worker, mut after: u64) {
         while let Some((seq, method, args)) = self.next_to_send(worker, after) {
             let spec = CallSpec { method: &method, args: &args, timeout_ms: self.time_left_ms() };
             let fed = worker.feed_call(&spec).await;
@@ -438,16 +466,15 @@ impl Checkout {
             let Some(i) = outbox.position(seq) else { continue };
             match fed {
                 Ok(id) => outbox.calls[i].sent = Sent::Yes { id, at: Instant::now() },
-                Err(failure) if failure.retire => return Some(failure.error),
+                Err(failure) if failure.retire => return,
                 // Nothing was sent: its caller gets the error in its turn, and
                 // no later call goes ahead of it.
                 Err(failure) => {
                     outbox.calls[i].sent = Sent::Failed(failure.error);
-                    return None;
+                    return;
                 }
             }
         }
-        None
     }
 
     /// Takes the request (sequence number, method, arguments) of the first
@@ -583,6 +610,8 @@ impl Drop for Checkout {
         if aborted || worker.oldest_in_flight().is_some() {
             // A reply nobody will read would be taken for the next one's.
             worker.retire(Retirement::Aborted);
+        } else if worker.is_broken() {
+            worker.retire(Retirement::Death);
         } else if expired {
             worker.retire(Retirement::Timeout);
         } else {

@@ -34,6 +34,9 @@ pub(crate) struct Worker {
     in_flight: VecDeque<(u64, usize)>,
     /// The sum of the sizes in `in_flight`.
     in_flight_bytes: usize,
+    /// Whether writing to the connection failed: nothing more is sent, but
+    /// replies already in the socket can still be read.
+    broken: bool,
     /// How many checkouts this worker has been handed to.
     pub(crate) checkouts: u64,
     /// When the worker said hello.
@@ -164,6 +167,7 @@ impl Worker {
             next_id: 1,
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
+            broken: false,
             checkouts: 0,
             born: now,
             idle_since: now,
@@ -234,9 +238,15 @@ impl Worker {
     /// Whether a request of about `len` bytes may be sent now: always when
     /// nothing is in flight, otherwise within the pipeline's bounds.
     pub(crate) fn has_room(&self, len: usize) -> bool {
-        self.in_flight.is_empty()
-            || (self.in_flight.len() < PIPELINE_DEPTH
-                && self.in_flight_bytes.saturating_add(len) <= PIPELINE_BYTES)
+        !self.broken
+            && (self.in_flight.is_empty()
+                || (self.in_flight.len() < PIPELINE_DEPTH
+                    && self.in_flight_bytes.saturating_add(len) <= PIPELINE_BYTES))
+    }
+
+    /// Whether writing to the connection failed.
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken
     }
 
     /// Puts a call's request into the send buffer, to go out with the next
@@ -254,8 +264,15 @@ impl Worker {
             timeout_ms: spec.timeout_ms,
             unless_failed_since: self.oldest_in_flight(),
         };
+        if self.broken {
+            let error =
+                Error::WorkerDied { pid: self.pid(), method: spec.method.to_owned(), source: None };
+            return Err(SendFailure { error, retire: true });
+        }
         if let Err(err) = self.conn().feed(&request).await {
-            return Err(self.send_failure(spec.method, err));
+            let failure = self.send_failure(spec.method, err);
+            self.broken |= failure.retire;
+            return Err(failure);
         }
         self.next_id += 1;
         let len = spec.args.len() + spec.method.len();
@@ -264,12 +281,13 @@ impl Worker {
         Ok(id)
     }
 
-    /// Writes out the requests fed so far; on failure, the error to give
-    /// the call `method` (the connection is then unusable).
-    pub(crate) async fn flush(&mut self, method: &str) -> Result<(), Error> {
-        match self.conn().flush().await {
-            Ok(()) => Ok(()),
-            Err(err) => Err(self.recv_failure(method, err)),
+    /// Writes out the requests fed so far. A failure (the worker has
+    /// closed the connection) ends all sending; what the worker answered
+    /// before it closed can still be read, and reading tells each call
+    /// whether its reply came.
+    pub(crate) async fn flush(&mut self) {
+        if !self.broken && self.conn().flush().await.is_err() {
+            self.broken = true;
         }
     }
 

@@ -1,5 +1,6 @@
 //! Calls queued on one checkout, and aborted checkouts.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -66,6 +67,107 @@ async fn calls_made_while_one_runs_are_on_their_way_before_it_ends() {
     // under a millisecond.
     let round_trip = queued.timings.round_trip;
     assert!(round_trip >= Duration::from_millis(200), "round trip {round_trip:?}");
+}
+
+/// Spends the task's scheduling budget, so that its next waits on tokio
+/// resources return at once without making progress.
+async fn spend_budget() {
+    tokio::task::yield_now().await;
+    let semaphore = tokio::sync::Semaphore::new(1);
+    for _ in 0..128 {
+        drop(semaphore.acquire().await.unwrap());
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn calls_take_turns_in_the_order_made_whatever_order_they_ask_in() {
+    let daemon = Daemon::start(&[]);
+    let client = daemon.client("testguest").build();
+    let worker = Arc::new(client.checkout().await.unwrap());
+
+    // Out of budget, `join!` polls its calls again starting from another
+    // one, so they ask for the worker in another order than they were made.
+    spend_budget().await;
+    let (a, b, c) = tokio::join!(
+        worker.call::<u64>("incr", &()),
+        worker.call::<u64>("incr", &()),
+        worker.call::<u64>("incr", &()),
+    );
+    assert_eq!((a.unwrap(), b.unwrap(), c.unwrap()), (1, 2, 3));
+
+    // The same while another task's call holds the worker, so that the
+    // three are sent ahead and must read their replies in the order sent.
+    let holder = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.call::<u64>("sleep_ms", &100u64).await }
+    });
+    tokio::task::yield_now().await;
+    spend_budget().await;
+    let (d, e, f) = tokio::join!(
+        worker.call::<u64>("incr", &()),
+        worker.call::<u64>("incr", &()),
+        worker.call::<u64>("incr", &()),
+    );
+    assert_eq!(holder.await.unwrap().unwrap(), 100);
+    assert_eq!((d.unwrap(), e.unwrap(), f.unwrap()), (4, 5, 6));
+    assert_eq!(client.status().retired.aborted, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_from_several_threads_on_one_checkout_all_run() {
+    let daemon = Daemon::start(&[]);
+    let client = daemon.client("testguest").max_workers(1).build();
+    for _ in 0..100 {
+        let worker = Arc::new(client.checkout().await.unwrap());
+        let calls: Vec<_> = (0..8u64)
+            .map(|i| {
+                let worker = worker.clone();
+                tokio::spawn(async move { (i, worker.call::<u64>("echo", &i).await) })
+            })
+            .collect();
+        for call in calls {
+            let (i, echoed) = call.await.unwrap();
+            assert_eq!(echoed.unwrap(), i);
+        }
+    }
+    assert_eq!(client.status().retired.aborted, 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn replies_already_sent_are_read_after_the_worker_exits() {
+    let daemon = Daemon::start(&[]);
+    let client = daemon.client("testguest").build();
+    let worker = client.checkout().await.unwrap();
+
+    // More calls than the pipeline holds, sent ahead behind a sleep; the
+    // third traps. While the client's thread is held up, the worker answers
+    // the first three and exits: sending the rest then fails, but the
+    // replies in the socket still reach their calls.
+    let calls = futures_util::future::join_all((0..100).map(|i| {
+        let worker = &worker;
+        async move {
+            match i {
+                0 => worker.call::<u64>("sleep_ms", &100u64).await,
+                2 => worker.call::<u64>("panic", &"boom").await,
+                _ => worker.call::<u64>("incr", &()).await,
+            }
+        }
+    }));
+    let hold_up = async {
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        std::thread::sleep(Duration::from_millis(400));
+    };
+    let (results, ()) = tokio::join!(calls, hold_up);
+    assert_eq!(*results[0].as_ref().unwrap(), 100);
+    assert_eq!(*results[1].as_ref().unwrap(), 1, "the call before the trap ran");
+    assert!(matches!(&results[2], Err(Error::GuestTrap { .. })), "{:?}", results[2]);
+    for later in &results[3..] {
+        let Err(Error::EarlierCallFailed { earlier, .. }) = later else {
+            panic!("expected the trap to be named, got {later:?}");
+        };
+        assert!(matches!(**earlier, Error::GuestTrap { .. }), "{earlier:?}");
+    }
 }
 
 #[tokio::test]
