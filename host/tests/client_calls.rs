@@ -379,6 +379,20 @@ async fn failing_checkout_done_hook_retires_the_worker() {
     assert_eq!(daemon.events_of(pid), ["checkout_done", "closed"]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn worker_dead_by_the_checkout_done_hook_counts_as_a_death() {
+    let daemon = FakeDaemon::running(Options { hook: true, ..Options::default() });
+    let client = daemon.client().max_workers(1).build();
+
+    let checkout = client.checkout().await.unwrap();
+    let pid = checkout.worker_pid();
+    daemon.kill_idle_workers();
+    wait_until("the worker is gone", || daemon.closed(pid)).await;
+    drop(checkout);
+    wait_until("the worker is counted", || client.status().retired.death == 1).await;
+    assert_eq!(client.status().retired.error, 0);
+}
+
 /// An event's level and its fields, as text.
 type Captured = (tracing::Level, HashMap<String, String>);
 

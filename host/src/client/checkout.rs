@@ -301,8 +301,10 @@ impl Checkout {
         // Ticket and place are taken together, and the worker's lock asked
         // for before any await: the order of the three is the same.
         let (ticket, place, behind) = {
-            let ticket = self.ledger().ticket()?;
+            // The ticket is taken under the outbox's lock, so that tickets
+            // never decrease along the outbox (see `next_to_send`).
             let mut outbox = self.outbox();
+            let ticket = self.ledger().ticket()?;
             let behind = !outbox.calls.is_empty();
             let seq = outbox.next_seq;
             outbox.next_seq += 1;
@@ -481,13 +483,14 @@ impl Checkout {
     /// call after call `after` that may be sent now.
     fn next_to_send(&self, worker: &Worker, after: u64) -> Option<(u64, String, Vec<u8>)> {
         let mut outbox = self.outbox();
-        let start = outbox.calls.partition_point(|call| call.seq <= after);
-        let mut skip_line = None;
-        let call = outbox.calls.range_mut(start..).find(|call| match call.sent {
-            Sent::Yes { .. } => false,
-            Sent::Failed(_) => true,
-            Sent::No => !skip_line.get_or_insert_with(|| self.ledger().skips()).skips(call.ticket),
-        })?;
+        let line = self.ledger().skips();
+        // Past this call's own place and the calls the ledger skips (a
+        // prefix, tickets growing along the outbox), only the calls in
+        // flight are passed over: the scan stays short however many wait.
+        let start =
+            outbox.calls.partition_point(|call| call.seq <= after || line.skips(call.ticket));
+        let call =
+            outbox.calls.range_mut(start..).find(|call| !matches!(call.sent, Sent::Yes { .. }))?;
         if matches!(call.sent, Sent::Failed(_))
             || !worker.has_room(call.args.len() + call.method.len())
         {

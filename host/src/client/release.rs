@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use tokio::time::timeout;
 
+use super::connection::WireError;
 use super::error::Chain;
 use super::pool::Pool;
 use super::status::Retirement;
-use super::worker::Worker;
+use super::worker::{HookError, Worker};
 
 /// Returns a worker that is still connected at the end of its checkout, or
 /// retires it. `tainted` tells that it returned an error during the checkout.
@@ -50,7 +51,12 @@ async fn run_hook(pool: Arc<Pool>, mut worker: Worker) {
         Some(Err(err)) => {
             let pid = worker.pid();
             tracing::warn!(worker.pid = pid, error = %Chain(&err), "checkout-done hook failed");
-            worker.retire(Retirement::Error);
+            // A worker that died meanwhile is counted as a death.
+            let died = matches!(
+                err,
+                HookError::Wire(WireError::Closed | WireError::Truncated | WireError::Io(_))
+            );
+            worker.retire(if died { Retirement::Death } else { Retirement::Error });
         }
         None => {
             tracing::warn!(worker.pid = worker.pid(), "checkout-done hook timed out");
