@@ -78,7 +78,10 @@ fn main() -> anyhow::Result<()> {
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let wanted = |section: &str| only.as_deref().is_none_or(|o| section.starts_with(o));
     let sizes = if quick { QUICK } else { FULL };
-    let out = harness::workspace().join("target/bench");
+    // Beside cargo's own output (a relative CARGO_TARGET_DIR taken from the
+    // workspace, where the README's commands run).
+    let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
+    let out = harness::workspace().join(target).join("bench");
     std::fs::create_dir_all(&out)?;
     let guest = harness::guests().bench.clone();
 

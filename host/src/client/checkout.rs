@@ -204,7 +204,8 @@ impl Checkout {
     ///
     /// Arguments and result travel as MessagePack (structs as maps). Several
     /// calls may be made on one checkout without awaiting each: they run on
-    /// its worker one at a time, in the order they were made, their requests
+    /// its worker one at a time, in the order they were made (the order
+    /// their futures are first polled), their requests
     /// sent ahead while earlier calls run. If one fails, those made before
     /// its failure and still waiting fail at once with
     /// [`Error::EarlierCallFailed`] (the worker skips those it already has);

@@ -143,8 +143,9 @@ pub enum Error {
     },
 
     /// A call made on this checkout before this one failed while this one
-    /// waited for its turn, so this one was never sent. Calls made after the
-    /// failure run normally (if the worker is still there).
+    /// waited for its turn, so this one was not run: either never sent, or
+    /// sent ahead and skipped by the worker. Calls made after the failure
+    /// run normally (if the worker is still there).
     #[error(
         "skipped method {method} on worker {pid}: the earlier call of method {earlier_method} failed"
     )]
