@@ -133,7 +133,7 @@ impl Place<'_> {
     fn first(&self) -> impl Future<Output = ()> + '_ {
         std::future::poll_fn(|cx| {
             let mut outbox = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
-            let first = outbox.calls.front_mut().expect("a call keeps its place until it ends");
+            let first = outbox.calls.front().expect("a call keeps its place until it ends");
             if first.seq == self.seq {
                 return Poll::Ready(());
             }

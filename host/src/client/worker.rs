@@ -256,6 +256,11 @@ impl Worker {
     /// Not cancel safe: dropping the future mid-way leaves the connection in an
     /// unknown state, and the caller must then close the worker.
     pub(crate) async fn feed_call(&mut self, spec: &CallSpec<'_>) -> Result<u64, SendFailure> {
+        if self.broken {
+            let error =
+                Error::WorkerDied { pid: self.pid(), method: spec.method.to_owned(), source: None };
+            return Err(SendFailure { error, retire: true });
+        }
         let id = self.next_id;
         let request = Request::Call {
             id,
@@ -264,11 +269,6 @@ impl Worker {
             timeout_ms: spec.timeout_ms,
             unless_failed_since: self.oldest_in_flight(),
         };
-        if self.broken {
-            let error =
-                Error::WorkerDied { pid: self.pid(), method: spec.method.to_owned(), source: None };
-            return Err(SendFailure { error, retire: true });
-        }
         if let Err(err) = self.conn().feed(&request).await {
             let failure = self.send_failure(spec.method, err);
             self.broken |= failure.retire;
