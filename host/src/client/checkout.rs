@@ -309,7 +309,9 @@ impl Checkout {
             let behind = !outbox.calls.is_empty();
             let seq = outbox.next_seq;
             outbox.next_seq += 1;
-            let method = method.to_owned();
+            // Only a call made behind others may be sent by another call;
+            // the first sends itself and keeps its method name at hand.
+            let method = if behind { method.to_owned() } else { String::new() };
             let call = Outgoing { seq, ticket, method, args, sent: Sent::No, waker: None };
             outbox.calls.push_back(call);
             (ticket, Place { outbox: &self.outbox, seq }, behind)
@@ -484,6 +486,9 @@ impl Checkout {
     /// call after call `after` that may be sent now.
     fn next_to_send(&self, worker: &Worker, after: u64) -> Option<(u64, String, Vec<u8>)> {
         let mut outbox = self.outbox();
+        if outbox.calls.back().is_none_or(|last| last.seq <= after) {
+            return None;
+        }
         let line = self.ledger().skips();
         // Past this call's own place and the calls the ledger skips (a
         // prefix, tickets growing along the outbox), only the calls in
