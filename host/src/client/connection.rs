@@ -5,7 +5,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -128,14 +128,32 @@ impl Decoder for FrameCodec {
     }
 }
 
-impl Encoder<Bytes> for FrameCodec {
+/// Encodes a message straight into the send buffer behind its length, with
+/// no body of its own to allocate and copy; on failure the buffer is left
+/// as it was.
+impl<M: Serialize + ?Sized> Encoder<&M> for FrameCodec {
     type Error = WireError;
 
-    fn encode(&mut self, body: Bytes, dst: &mut BytesMut) -> Result<(), WireError> {
-        if body.len() > self.max {
-            return Err(WireError::TooLong { len: body.len(), max: self.max });
+    fn encode(&mut self, msg: &M, dst: &mut BytesMut) -> Result<(), WireError> {
+        let start = dst.len();
+        dst.put_u32(0);
+        let encoded = rmp_serde::encode::write_named(&mut (&mut *dst).writer(), msg);
+        let len = dst.len() - start - 4;
+        let checked = match encoded {
+            Err(err) => Err(WireError::Encode(err)),
+            Ok(()) if len > self.max => Err(WireError::TooLong { len, max: self.max }),
+            Ok(()) => u32::try_from(len).map_err(|_| WireError::TooLong { len, max: self.max }),
+        };
+        match checked {
+            Ok(len) => {
+                dst[start..start + 4].copy_from_slice(&len.to_be_bytes());
+                Ok(())
+            }
+            Err(err) => {
+                dst.truncate(start);
+                Err(err)
+            }
         }
-        Ok(self.inner.encode(body, dst)?)
     }
 }
 
@@ -175,13 +193,13 @@ impl Connection {
     /// is buffered when it fails with [`WireError::TooLong`] or
     /// [`WireError::Encode`].
     pub(crate) async fn feed<T: Serialize>(&mut self, msg: &T) -> Result<(), WireError> {
-        let body = rmp_serde::to_vec_named(msg)?;
-        self.framed.feed(Bytes::from(body)).await
+        self.framed.feed(msg).await
     }
 
     /// Writes out everything buffered.
     pub(crate) async fn flush(&mut self) -> Result<(), WireError> {
-        self.framed.flush().await
+        // The item type only picks the impl: flushing is the same for all.
+        SinkExt::<&()>::flush(&mut self.framed).await
     }
 
     /// Receives the body of the next frame.
