@@ -160,6 +160,13 @@ pub enum ErrorKind {
     Skipped,
 }
 
+impl ErrorReply {
+    /// A failure of `kind` with `message` and no backtrace.
+    pub fn new(kind: ErrorKind, message: String) -> ErrorReply {
+        ErrorReply { kind, message, backtrace: None }
+    }
+}
+
 impl ErrorKind {
     /// Whether a worker that reported this kind has exited or must not be reused.
     pub fn is_fatal(self) -> bool {

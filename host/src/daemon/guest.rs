@@ -507,9 +507,7 @@ impl Guest {
         let text = || lossy(&data[bytes.clone()], MAX_MESSAGE_BYTES);
         match status {
             STATUS_OK => Ok(bytes),
-            STATUS_ERROR => {
-                Err(ErrorReply { kind: ErrorKind::GuestError, message: text(), backtrace: None })
-            }
+            STATUS_ERROR => Err(ErrorReply::new(ErrorKind::GuestError, text())),
             STATUS_UNKNOWN_METHOD => {
                 let detail = text();
                 let message = if method.is_empty() {
@@ -519,7 +517,7 @@ impl Guest {
                 } else {
                     format!("no method `{method}`: {detail}")
                 };
-                Err(ErrorReply { kind: ErrorKind::UnknownMethod, message, backtrace: None })
+                Err(ErrorReply::new(ErrorKind::UnknownMethod, message))
             }
             other => Err(abi_error(&format!("unknown reply status {other}"))),
         }
@@ -721,6 +719,7 @@ fn abi_error(msg: &str) -> ErrorReply {
     }
 }
 
-fn setup_error(message: String) -> ErrorReply {
-    ErrorReply { kind: ErrorKind::SetupFailed, message, backtrace: None }
+/// A failure to set a guest up, or a module's workers.
+pub fn setup_error(message: String) -> ErrorReply {
+    ErrorReply::new(ErrorKind::SetupFailed, message)
 }

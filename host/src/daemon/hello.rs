@@ -152,7 +152,7 @@ fn parse(body: &[u8]) -> Result<Hello, ErrorReply> {
 }
 
 fn protocol_error(message: String) -> ErrorReply {
-    ErrorReply { kind: ErrorKind::Protocol, message, backtrace: None }
+    ErrorReply::new(ErrorKind::Protocol, message)
 }
 
 /// `text` cut to a length fit for logs and messages: a peer chooses it.

@@ -38,7 +38,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 use tracing::{debug, error, info, warn};
 
-use super::guest;
+use super::guest::{self, setup_error};
 use super::hello::{self, Hello, Pending, Progress, printable};
 use super::modules::Modules;
 use super::settings::Spawn;
@@ -841,10 +841,6 @@ fn zygote_down_error(module: &str, reason: &ErrorReply, restart_at: Instant) -> 
         ),
         backtrace: reason.backtrace.clone(),
     }
-}
-
-fn setup_error(message: String) -> ErrorReply {
-    ErrorReply { kind: ErrorKind::SetupFailed, message, backtrace: None }
 }
 
 /// Refuses a connection held as a bare descriptor, best effort.

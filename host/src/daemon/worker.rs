@@ -376,7 +376,7 @@ impl<'a> Connection<'a> {
 
     /// Tells the client why the connection ends (best effort) and returns the error.
     fn refuse(&mut self, kind: ErrorKind, message: String) -> ConnError {
-        self.refuse_with(ErrorReply { kind, message, backtrace: None })
+        self.refuse_with(ErrorReply::new(kind, message))
     }
 
     fn refuse_with(&mut self, error: ErrorReply) -> ConnError {
@@ -400,7 +400,7 @@ struct Outcome {
 fn skip(out: &mut Vec<u8>, id: u64, failed: u64) -> Result<(), ConnError> {
     debug!(id, failed, "call skipped: an earlier call failed");
     let message = format!("not run: call {failed}, sent before it, failed");
-    let error = ErrorReply { kind: ErrorKind::Skipped, message, backtrace: None };
+    let error = ErrorReply::new(ErrorKind::Skipped, message);
     let reply =
         Response::Reply { id, result: Err(error), logs: Vec::new(), stats: CallStats::default() };
     protocol::encode_frame(&reply, out)?;
@@ -433,7 +433,7 @@ fn call(
     {
         let message =
             format!("reply of {} bytes exceeds the {max_frame} byte frame limit", r.len());
-        result = Err(ErrorReply { kind: ErrorKind::Limit, message, backtrace: None });
+        result = Err(ErrorReply::new(ErrorKind::Limit, message));
     }
     let elapsed_us = started.elapsed().as_micros() as u64;
     let stats = CallStats {
@@ -463,7 +463,7 @@ fn call(
             "reply of {} bytes exceeds the {max_frame} byte frame limit",
             out.len() - protocol::HEADER_LEN
         );
-        let error = ErrorReply { kind: ErrorKind::Limit, message, backtrace: None };
+        let error = ErrorReply::new(ErrorKind::Limit, message);
         let reply = Response::Reply { id, result: Err(error), logs: Vec::new(), stats };
         protocol::encode_frame(&reply, out)?;
         return Ok(Outcome { failed: true, fatal: true });

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 use wasmtime::Engine;
 
-use super::guest::{self, log_budget};
+use super::guest::{self, log_budget, setup_error};
 use super::hello::Hello;
 use super::modules::LoadedModule;
 use super::seccomp::{Filter, ZYGOTE_CLONE_FLAGS};
@@ -105,9 +105,7 @@ pub fn run(
         span.in_scope(|| error!("zygote panicked; exiting"));
         101
     });
-    // SAFETY: ends this forked child without running the daemon's
-    // exit-time handlers.
-    unsafe { libc::_exit(code) }
+    exit_now(code)
 }
 
 fn serve(
@@ -451,8 +449,4 @@ fn receive(sock: &OwnedFd) -> io::Result<Option<(OwnedFd, Handoff)>> {
         Some((handoff, Some(fd))) => Ok(Some((fd, handoff))),
         Some((_, None)) => Err(io::Error::other("a handoff came without its connection")),
     }
-}
-
-fn setup_error(message: String) -> ErrorReply {
-    ErrorReply { kind: ErrorKind::SetupFailed, message, backtrace: None }
 }
