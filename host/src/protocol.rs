@@ -180,7 +180,11 @@ pub struct CallStats {
     /// Wall-clock time the guest ran, in microseconds.
     pub wall_us: u64,
     /// CPU time the worker's thread running the guest used during the
-    /// call, in microseconds.
+    /// call, in microseconds. The worker reads that thread's CPU clock at
+    /// most every 50 µs of wall time (each reading is a system call): for a
+    /// call shorter than that this is the wall time, which bounds it, and
+    /// for a longer one it may include up to 50 µs of the worker's own time
+    /// just before the call. It is never more than `wall_us`.
     pub cpu_us: u64,
     /// Fuel the guest consumed, when the module runs with a fuel budget.
     pub fuel: Option<u64>,

@@ -83,6 +83,25 @@ async fn call_timeout_closes_the_worker_and_names_the_method() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_call_waiting_behind_one_left_unpolled_still_times_out() {
+    let daemon = FakeDaemon::running(Options::default());
+    let client = daemon.client().max_workers(1).timeout(Some(Duration::from_secs(5))).build();
+    let checkout = client.checkout().await.unwrap();
+    // The first call takes the worker, then nobody polls it: the timer it
+    // would watch while holding the worker is not running.
+    let mut first = Box::pin(checkout.call::<()>("slow", &()));
+    assert!(first.as_mut().now_or_never().is_none());
+
+    let waiting = checkout.call::<u8>("echo", &1u8);
+    let second = tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("the waiting call keeps its own deadline")
+        .unwrap_err();
+    assert!(matches!(second, Error::Timeout { .. }), "{second:?}");
+    drop(first);
+}
+
+#[tokio::test(start_paused = true)]
 async fn one_deadline_covers_the_wait_and_the_calls() {
     let daemon = FakeDaemon::running(Options::default());
     let client = daemon.client().max_workers(1).timeout(Some(Duration::from_secs(10))).build();

@@ -203,12 +203,18 @@ fn call_stats_tell_cpu_time_from_wall_time() {
     let mut worker = RawWorker::connect(&daemon, "testguest");
     let slept = worker.call("sleep_ms", &50u64, None).unwrap();
     assert!(slept.result.is_ok(), "{:?}", slept.result);
+    // A short call: the CPU clock is not read for it, its wall time bounds it.
+    let short = worker.call("incr", &(), None).unwrap();
+    assert!(short.result.is_ok(), "{:?}", short.result);
     // Spins until its deadline interrupts it; the reply still has its stats.
     let spun = worker.call("spin", &(), Some(50)).unwrap();
     assert_eq!(spun.result.unwrap_err().kind, ErrorKind::Timeout);
 
-    let (slept, spun) = (slept.stats, spun.stats);
+    let (slept, spun, short) = (slept.stats, spun.stats, short.stats);
     assert!(slept.wall_us >= 50_000 && spun.wall_us >= 50_000, "{slept:?} {spun:?}");
+    assert!(slept.cpu_us < 10_000, "sleeping used next to no CPU: {slept:?}");
     assert!(spun.cpu_us > slept.cpu_us, "spinning used more CPU than sleeping: {slept:?} {spun:?}");
-    assert!(spun.cpu_us <= spun.wall_us + 1_000, "one thread's CPU within its wall time: {spun:?}");
+    for stats in [slept, spun, short] {
+        assert!(stats.cpu_us <= stats.wall_us, "one thread's CPU within its wall time: {stats:?}");
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::pin::{Pin, pin};
 use std::sync::{Arc, MutexGuard as StdGuard, PoisonError};
 use std::task::{Poll, Waker};
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, MutexGuard, Notify};
-use tokio::time::{Instant, timeout_at};
+use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -56,6 +57,16 @@ struct Seat {
     worker: Option<Worker>,
     /// Whether the worker returned an error during the checkout.
     tainted: bool,
+    /// The timer of the checkout's deadline, polled by the call holding the
+    /// worker while it waits for its reply: set once, on the first call
+    /// that waits, rather than once per call.
+    alarm: Option<Pin<Box<Sleep>>>,
+}
+
+/// Why a call stopped waiting for its turn.
+enum Interrupted {
+    Aborted,
+    Deadline,
 }
 
 /// The calls of a checkout that were made and are not yet answered.
@@ -177,7 +188,7 @@ impl Checkout {
             started,
             waited: started.elapsed(),
             deadline,
-            seat: Arc::new(Mutex::new(Seat { worker: Some(worker), tainted: false })),
+            seat: Arc::new(Mutex::new(Seat { worker: Some(worker), tainted: false, alarm: None })),
             ledger: std::sync::Mutex::default(),
             outbox: std::sync::Mutex::default(),
             queued: Notify::new(),
@@ -320,16 +331,46 @@ impl Checkout {
             // The call holding the worker sends it ahead if it can.
             self.queued.notify_one();
         }
-        let Some(deadline) = self.deadline else {
-            return self.in_turn(method, &place, ticket, issued, trace).await;
-        };
-        if Instant::now() >= deadline {
+        if self.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
             return Err(self.time_out(method));
         }
-        match timeout_at(deadline, self.in_turn(method, &place, ticket, issued, trace)).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(self.time_out(method)),
-        }
+        self.in_turn(method, &place, ticket, issued, trace).await
+    }
+
+    /// Waits until the call's turn has come and the worker is free, unless
+    /// the checkout is aborted or its deadline passes first. A call that
+    /// finds its turn at once (one caller making calls one after another)
+    /// sets no timer and polls no abort signal.
+    async fn take_seat(&self, place: &Place<'_>) -> Result<MutexGuard<'_, Seat>, Interrupted> {
+        let mut wait = pin!(async {
+            place.first().await;
+            self.seat.lock().await
+        });
+        let mut aborted = pin!(None);
+        let mut alarm = pin!(None::<Sleep>);
+        std::future::poll_fn(|cx| {
+            if self.abort.is_cancelled() {
+                return Poll::Ready(Err(Interrupted::Aborted));
+            }
+            if let Poll::Ready(seat) = wait.as_mut().poll(cx) {
+                return Poll::Ready(Ok(seat));
+            }
+            if aborted.is_none() {
+                aborted.set(Some(self.abort.cancelled()));
+            }
+            if aborted.as_mut().as_pin_mut().is_some_and(|a| a.poll(cx).is_ready()) {
+                return Poll::Ready(Err(Interrupted::Aborted));
+            }
+            let Some(deadline) = self.deadline else { return Poll::Pending };
+            if alarm.is_none() {
+                alarm.set(Some(sleep_until(deadline)));
+            }
+            match alarm.as_mut().as_pin_mut().map(|a| a.poll(cx)) {
+                Some(Poll::Ready(())) => Poll::Ready(Err(Interrupted::Deadline)),
+                _ => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// Waits for the calls made before this one, then makes it (unless it
@@ -346,13 +387,10 @@ impl Checkout {
         // first asked for the worker's lock: the two can differ (calls made
         // from several threads, or a task out of its scheduling budget),
         // and calls sent ahead must read their replies in the order sent.
-        let seat = tokio::select! {
-            biased;
-            () = self.abort.cancelled() => return Err(self.ledger().aborted_error(self.pid)),
-            seat = async {
-                place.first().await;
-                self.seat.lock().await
-            } => seat,
+        let seat = match self.take_seat(place).await {
+            Ok(seat) => seat,
+            Err(Interrupted::Aborted) => return Err(self.ledger().aborted_error(self.pid)),
+            Err(Interrupted::Deadline) => return Err(self.time_out(method)),
         };
         trace.timings.turn_wait = issued.elapsed();
         let mut turn = Turn { seat, in_call: false, deadline: self.deadline };
@@ -393,15 +431,25 @@ impl Checkout {
         }
 
         turn.in_call = true;
+        let seat = &mut *turn.seat;
+        let worker = seat.worker.as_mut().expect("checked above");
         let answer = tokio::select! {
             biased;
-            () = self.abort.cancelled() => None,
-            answer = self.exchange::<R>(&mut turn, method, place.seq, own, time_left) => Some(answer),
+            () = self.abort.cancelled() => Err(Interrupted::Aborted),
+            answer = self.exchange::<R>(worker, method, place.seq, own, time_left) => Ok(answer),
+            () = alarm(&mut seat.alarm, self.deadline) => Err(Interrupted::Deadline),
         };
         turn.in_call = false;
-        let Some((answer, sent_at)) = answer else {
-            turn.close(Retirement::Aborted);
-            return Err(self.ledger().aborted_error(self.pid));
+        let (answer, sent_at) = match answer {
+            Ok(answer) => answer,
+            Err(Interrupted::Aborted) => {
+                turn.close(Retirement::Aborted);
+                return Err(self.ledger().aborted_error(self.pid));
+            }
+            Err(Interrupted::Deadline) => {
+                turn.close(Retirement::Timeout);
+                return Err(self.time_out(method));
+            }
         };
         trace.timings.round_trip = sent_at.map_or(Duration::ZERO, |at| at.elapsed());
         trace.logs = answer.logs;
@@ -424,13 +472,12 @@ impl Checkout {
     /// and when the request was sent.
     async fn exchange<R: DeserializeOwned>(
         &self,
-        turn: &mut Turn<'_>,
+        worker: &mut Worker,
         method: &str,
         seq: u64,
         own: Own,
         time_left: Option<Duration>,
     ) -> (Answer<R>, Option<Instant>) {
-        let worker = turn.seat.worker.as_mut().expect("checked by the caller");
         let (id, at) = match own {
             Own::Ahead { id, at } => (id, at),
             Own::Unsent(args) => {
@@ -568,6 +615,18 @@ fn close(seat: &mut Seat, cause: Retirement) {
     if let Some(worker) = seat.worker.take() {
         worker.retire(cause);
     }
+}
+
+/// Resolves once `deadline` has passed, never without one. The timer lives
+/// in `slot`, made on the first poll and kept for later calls.
+fn alarm(
+    slot: &mut Option<Pin<Box<Sleep>>>,
+    deadline: Option<Instant>,
+) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| {
+        let Some(deadline) = deadline else { return Poll::Pending };
+        slot.get_or_insert_with(|| Box::pin(sleep_until(deadline))).as_mut().poll(cx)
+    })
 }
 
 /// Rounds a duration up to whole milliseconds, so that a worker never gets 0

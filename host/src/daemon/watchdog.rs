@@ -10,6 +10,11 @@
 //! Every guest entry is bounded: by the client's deadline when it gave one,
 //! and in any case by the daemon's hung-worker timeout. As a backstop for the
 //! watchdog itself, each entry also re-arms the kernel's CPU-time limit.
+//!
+//! The handle also times entries on the guest thread's CPU clock. Reading
+//! that clock is a system call (the vDSO has no thread clocks), and two per
+//! call were a tenth of a short call's round trip; so it is read only when
+//! [`CLOCK_EVERY`] of wall time has passed since the last reading.
 
 use std::cell::Cell;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -30,14 +35,21 @@ const GRACE_NS: u64 = GRACE.as_nanos() as u64;
 /// Longest single wait, so that a finished call is noticed and the thread parks.
 const TICK: Duration = Duration::from_millis(100);
 
+/// Wall time after which the guest thread's CPU clock is read again: at the
+/// start of an entry when the last reading is older, and at the end of an
+/// entry that ran at least this long.
+pub const CLOCK_EVERY: Duration = Duration::from_micros(50);
+
 /// Handle the main thread uses to tell the watchdog about calls.
 pub struct Watchdog {
     shared: Arc<Shared>,
     thread: Thread,
     hung_timeout: Duration,
-    /// The CPU time of the thread running the guest when the current guest
-    /// entry began.
-    cpu_at_begin: Cell<Duration>,
+    /// The last reading of the guest thread's CPU clock, and when it was taken.
+    clock: Cell<(Instant, Duration)>,
+    /// When the current (or last) guest entry began, and the clock reading
+    /// that stands for its start: taken then, or at most [`CLOCK_EVERY`] before.
+    begun: Cell<(Instant, Duration)>,
     backstop: harden::CpuBackstop,
 }
 
@@ -90,11 +102,13 @@ impl Watchdog {
         });
         let state = shared.clone();
         let handle = thread::Builder::new().name("watchdog".into()).spawn(move || watch(&state))?;
+        let reading = (Instant::now(), harden::thread_cpu());
         Ok(Watchdog {
             shared,
             thread: handle.thread().clone(),
             hung_timeout,
-            cpu_at_begin: Cell::new(Duration::ZERO),
+            clock: Cell::new(reading),
+            begun: Cell::new(reading),
             backstop: harden::CpuBackstop::default(),
         })
     }
@@ -120,29 +134,52 @@ impl Watchdog {
             _ => (self.hung_timeout, Bound::Hung, GRACE.min(self.hung_timeout)),
         };
         let backstop = limit.saturating_add(grace).as_secs().saturating_add(2);
+        let now = Instant::now();
+        let (read_at, mut cpu) = self.clock.get();
+        if now.saturating_duration_since(read_at) >= CLOCK_EVERY {
+            cpu = self.read_clock(now);
+        }
+        self.begun.set((now, cpu));
         // The backstop limits the process's CPU time; the guest's thread
         // stands for it, the watchdog thread using next to nothing beside
-        // the second of slack the backstop keeps.
-        let cpu = harden::thread_cpu();
-        self.cpu_at_begin.set(cpu);
+        // the second of slack the backstop keeps (a reading at most
+        // CLOCK_EVERY old is as good).
         self.backstop.ensure(cpu, backstop);
-        self.arm(limit, grace);
+        self.arm(now, limit, grace);
         bound
     }
 
-    /// CPU time the calling thread (the guest's) has used since the last
-    /// [`Watchdog::begin`].
-    pub fn cpu_since_begin(&self) -> Duration {
-        harden::thread_cpu().saturating_sub(self.cpu_at_begin.get())
+    /// CPU time the calling thread (the guest's) used in the guest entry
+    /// begun last, by its CPU clock. For an entry shorter than
+    /// [`CLOCK_EVERY`] the clock is not read and this is the entry's wall
+    /// time, which bounds it. For a longer one it may include up to
+    /// `CLOCK_EVERY` of the worker's own time before the entry (when the
+    /// clock was last read that long before it began), and is never more
+    /// than the entry's wall time.
+    pub fn cpu_used(&self) -> Duration {
+        let now = Instant::now();
+        let (began, cpu_then) = self.begun.get();
+        let wall = now.saturating_duration_since(began);
+        if wall < CLOCK_EVERY {
+            return wall;
+        }
+        self.read_clock(now).saturating_sub(cpu_then).min(wall)
     }
 
-    fn arm(&self, timeout: Duration, grace: Duration) {
+    fn read_clock(&self, now: Instant) -> Duration {
+        let cpu = harden::thread_cpu();
+        self.clock.set((now, cpu));
+        cpu
+    }
+
+    fn arm(&self, now: Instant, timeout: Duration, grace: Duration) {
         let s = &self.shared;
         s.grace_ns.store(grace.as_nanos() as u64, SeqCst);
         // Saturating: a timeout of centuries means "no deadline in practice",
         // never a wrapped-around one that has already passed.
         let t = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        let deadline = s.now_ns().saturating_add(t).max(1);
+        let since_origin = now.saturating_duration_since(s.origin).as_nanos() as u64;
+        let deadline = since_origin.saturating_add(t).max(1);
         s.deadline_ns.store(deadline, SeqCst);
         s.seq.fetch_add(1, SeqCst);
         s.busy.store(true, SeqCst);

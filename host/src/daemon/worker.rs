@@ -438,7 +438,7 @@ fn call(
     let elapsed_us = started.elapsed().as_micros() as u64;
     let stats = CallStats {
         wall_us: elapsed_us,
-        cpu_us: watchdog.cpu_since_begin().as_micros() as u64,
+        cpu_us: watchdog.cpu_used().as_micros() as u64,
         fuel: guest.fuel_used(),
     };
     let logs = guest.take_logs();
