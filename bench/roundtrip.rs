@@ -124,8 +124,21 @@ pub async fn product_calls(
     Ok(Samples(samples))
 }
 
-/// All round-trip rows: two payload sizes, two placements, runs interleaved
-/// so that drift hits product and baseline alike.
+/// Where the client, and the worker or ping-pong peer, may run.
+struct Placement {
+    name: &'static str,
+    client: Option<usize>,
+    peer: Option<usize>,
+}
+
+/// All round-trip rows: two payload sizes, three placements (the second
+/// only with two CPUs or more), runs interleaved so that drift hits
+/// product and baseline alike.
+///
+/// Left unpinned, the scheduler may keep one pair on one core and spread
+/// the other (on this kind of VM a wake-up across cores costs tens of µs,
+/// so placement decides the figure): the unpinned rows tell how often each
+/// peer was found on the client's core after a run.
 pub async fn measure(
     client: &wasm_task::Client,
     pingpong: &mut PingPong,
@@ -137,11 +150,18 @@ pub async fn measure(
     let codec = LengthDelimitedCodec::builder().max_frame_length(DEFAULT_MAX_FRAME).new_codec();
     let mut framed = Framed::new(pingpong.connect()?, codec);
 
+    let mut placements = vec![Placement { name: "same core", client: Some(0), peer: Some(0) }];
+    if sys::available_cpus() >= 2 {
+        placements.push(Placement { name: "different cores", client: Some(0), peer: Some(1) });
+    }
+    placements.push(Placement { name: "unpinned", client: None, peer: None });
+
     let mut rows = Vec::new();
     let mut plotted = (Samples::default(), Samples::default());
-    for (placement, cpu) in [("same core", Some(0)), ("unpinned", None)] {
-        for tid in [0, worker, pingpong.pid] {
-            sys::pin(tid, cpu);
+    for placement in &placements {
+        sys::pin(0, placement.client);
+        for tid in [worker, pingpong.pid] {
+            sys::pin(tid, placement.peer);
         }
         for size in [64usize, 64 << 10] {
             let payload = ByteBuf::from(vec![0xa5u8; size]);
@@ -149,12 +169,21 @@ pub async fn measure(
             product_calls(&checkout, &payload, per_run.min(50)).await?;
             pingpong_calls(&mut framed, &payload, per_run.min(50)).await?;
             let (mut product, mut baseline) = (Samples::default(), Samples::default());
+            // Runs after which the worker / the peer was on the client's core.
+            let (mut worker_with, mut peer_with) = (0, 0);
             for _ in 0..runs {
                 baseline.0.extend(pingpong_calls(&mut framed, &payload, per_run).await?.0);
+                peer_with += usize::from(same_cpu(pingpong.pid));
                 product.0.extend(product_calls(&checkout, &payload, per_run).await?.0);
+                worker_with += usize::from(same_cpu(worker));
             }
             let label = if size == 64 { "64 B".to_owned() } else { "64 KiB".to_owned() };
-            let name = format!("call round trip {label}, {placement}");
+            let mut name = format!("call round trip {label}, {}", placement.name);
+            if placement.peer.is_none() {
+                name += &format!(
+                    " (on the client's core after {worker_with} of {runs} runs; ping-pong peer {peer_with} of {runs})"
+                );
+            }
             rows.push(Row::latency(
                 "round trip",
                 name,
@@ -163,13 +192,19 @@ pub async fn measure(
                 &baseline,
                 Some(1.2),
             ));
-            if size == 64 && cpu.is_some() {
+            if size == 64 && placement.client == Some(0) && placement.peer == Some(0) {
                 plotted = (product, baseline);
             }
         }
     }
-    for tid in [0, worker, pingpong.pid] {
+    sys::pin(0, None);
+    for tid in [worker, pingpong.pid] {
         sys::pin(tid, None);
     }
     Ok((rows, plotted.0, plotted.1))
+}
+
+/// Whether process `pid` last ran on the CPU this one runs on.
+fn same_cpu(pid: i32) -> bool {
+    sys::last_cpu(pid).is_some_and(|cpu| Some(cpu) == sys::last_cpu(0))
 }

@@ -37,6 +37,16 @@ pub fn process_cpu() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
+/// The CPU that process `pid` (0 for this one) last ran on, from
+/// /proc/PID/stat.
+pub fn last_cpu(pid: i32) -> Option<usize> {
+    let path = if pid == 0 { "/proc/self/stat".to_owned() } else { format!("/proc/{pid}/stat") };
+    let text = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name, which may hold spaces: the processor
+    // is field 39 of the line, the 37th after it.
+    text.rsplit_once(')')?.1.split_whitespace().nth(36)?.parse().ok()
+}
+
 /// Memory figures of a process, in bytes, from /proc/PID/smaps_rollup.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Memory {
