@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, MutexGuard, Notify};
+use tokio::runtime::{Handle, Id as RuntimeId};
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -59,8 +60,10 @@ struct Seat {
     tainted: bool,
     /// The timer of the checkout's deadline, polled by the call holding the
     /// worker while it waits for its reply: set once, on the first call
-    /// that waits, rather than once per call.
-    alarm: Option<Pin<Box<Sleep>>>,
+    /// that waits, rather than once per call; again only for a call made
+    /// on another runtime than the timer's (whose timers that runtime
+    /// drives, if it still runs at all).
+    alarm: Option<(RuntimeId, Pin<Box<Sleep>>)>,
 }
 
 /// Why a call stopped waiting for its turn.
@@ -331,7 +334,8 @@ impl Checkout {
             // The call holding the worker sends it ahead if it can.
             self.queued.notify_one();
         }
-        if self.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+        // The clock was read when the call was made, a moment ago.
+        if self.deadline.is_some_and(|deadline| issued >= deadline) {
             return Err(self.time_out(method));
         }
         self.in_turn(method, &place, ticket, issued, trace).await
@@ -392,9 +396,10 @@ impl Checkout {
             Err(Interrupted::Aborted) => return Err(self.ledger().aborted_error(self.pid)),
             Err(Interrupted::Deadline) => return Err(self.time_out(method)),
         };
-        trace.timings.turn_wait = issued.elapsed();
+        let now = Instant::now();
+        trace.timings.turn_wait = now.saturating_duration_since(issued);
         let mut turn = Turn { seat, in_call: false, deadline: self.deadline };
-        let time_left = self.deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let time_left = self.deadline.map(|d| d.saturating_duration_since(now));
         if time_left.is_some_and(|left| left.is_zero()) {
             // The turn came with the deadline: time out, as the wait would have.
             turn.close(Retirement::Timeout);
@@ -427,7 +432,7 @@ impl Checkout {
             return Err(Error::WorkerClosed { pid: self.pid, method: method.to_owned() });
         }
         if let Own::Failed(error) = own {
-            return self.settle(&mut turn, method, Err(error), None, Instant::now());
+            return self.settle(&mut turn, method, Err(error), None, Duration::ZERO);
         }
 
         turn.in_call = true;
@@ -451,7 +456,9 @@ impl Checkout {
                 return Err(self.time_out(method));
             }
         };
-        trace.timings.round_trip = sent_at.map_or(Duration::ZERO, |at| at.elapsed());
+        let now = Instant::now();
+        trace.timings.round_trip =
+            sent_at.map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
         trace.logs = answer.logs;
         trace.timings.worker = answer.stats;
         let mut retire = answer.retire;
@@ -463,7 +470,8 @@ impl Checkout {
                 None => retire = Some(Retirement::Error),
             }
         }
-        self.settle(&mut turn, method, answer.result, retire, sent_at.unwrap_or(issued))
+        let took = now.saturating_duration_since(sent_at.unwrap_or(issued));
+        self.settle(&mut turn, method, answer.result, retire, took)
     }
 
     /// Sends this call's request if it was not sent ahead, then reads its
@@ -557,17 +565,17 @@ impl Checkout {
         self.deadline.map(|d| ceil_ms(d.saturating_duration_since(Instant::now())))
     }
 
-    /// Records how a call that got an answer went, closing the worker if it
-    /// cannot be used any more.
+    /// Records how a call that got an answer `took` (since its request was
+    /// sent), closing the worker if it cannot be used any more.
     fn settle<R>(
         &self,
         turn: &mut Turn<'_>,
         method: &str,
         result: Result<R, Error>,
         retire: Option<Retirement>,
-        sent: Instant,
+        took: Duration,
     ) -> Result<R, Error> {
-        let elapsed_ms = sent.elapsed().as_millis() as u64;
+        let elapsed_ms = took.as_millis() as u64;
         let error = match result {
             Ok(value) => {
                 tracing::debug!(worker.pid = self.pid, method, elapsed_ms, "call done");
@@ -618,14 +626,20 @@ fn close(seat: &mut Seat, cause: Retirement) {
 }
 
 /// Resolves once `deadline` has passed, never without one. The timer lives
-/// in `slot`, made on the first poll and kept for later calls.
+/// in `slot`, made on the first poll and kept for later calls made on the
+/// same runtime.
 fn alarm(
-    slot: &mut Option<Pin<Box<Sleep>>>,
+    slot: &mut Option<(RuntimeId, Pin<Box<Sleep>>)>,
     deadline: Option<Instant>,
 ) -> impl Future<Output = ()> + '_ {
+    let here = deadline.map(|_| Handle::current().id());
     std::future::poll_fn(move |cx| {
-        let Some(deadline) = deadline else { return Poll::Pending };
-        slot.get_or_insert_with(|| Box::pin(sleep_until(deadline))).as_mut().poll(cx)
+        let (Some(deadline), Some(here)) = (deadline, here) else { return Poll::Pending };
+        if slot.as_ref().is_none_or(|(made_on, _)| *made_on != here) {
+            *slot = Some((here, Box::pin(sleep_until(deadline))));
+        }
+        let (_, sleep) = slot.as_mut().expect("set above");
+        sleep.as_mut().poll(cx)
     })
 }
 

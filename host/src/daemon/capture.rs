@@ -46,6 +46,9 @@ impl Capture {
     /// Takes everything captured so far, split into lines.
     pub fn drain(&self) -> Drained {
         let mut buf = self.lock();
+        if buf.bytes.is_empty() && buf.dropped == 0 {
+            return Drained { lines: Vec::new(), dropped: 0 };
+        }
         let dropped = std::mem::take(&mut buf.dropped);
         let text = String::from_utf8_lossy(&buf.bytes).into_owned();
         buf.bytes.clear();
