@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{Mutex, MutexGuard, Notify};
 use tokio::runtime::{Handle, Id as RuntimeId};
+use tokio::sync::{Mutex, MutexGuard, Notify};
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
