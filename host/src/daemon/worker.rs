@@ -6,6 +6,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::socket::MsgFlags;
 use tracing::{debug, error, info, warn};
 
 use super::guest::{Guest, Prepared, log_budget};
@@ -85,6 +87,95 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+/// The worker's reading end. When it finds no request waiting, it may poll
+/// for one, yielding the CPU in between, for up to [`READ_SPIN`] before
+/// sleeping in a blocking read.
+///
+/// A worker waits for its next request for the client's turnaround: a
+/// reply read, the next call made, or the worker handed to the next
+/// checkout. With client and worker on different cores, that is tens of
+/// microseconds, and a sleeping worker makes it longer: its core halts, and
+/// waking a halted core costs the waker as much again on virtual machines.
+/// Polling keeps the worker awake, so that a request finds it at once.
+///
+/// On the client's own core polling only gets in the way (a yield does not
+/// always let the client run), and a worker cannot see where its client
+/// runs. So it measures: every [`PROBE_EVERY`] reads, one that has to wait
+/// is a plain blocking read, timed, and the worker polls until the next
+/// probe only if that wait was one polling shortens: longer than a
+/// same-core turnaround and shorter than a pause in the work.
+struct Eager {
+    stream: Stream,
+    /// Reads since the last probe.
+    reads: u32,
+    /// Whether the last probe said to poll.
+    poll: bool,
+}
+
+/// Longest a worker polls for data before a blocking read.
+const READ_SPIN: Duration = Duration::from_micros(50);
+
+/// One read in this many is a timed blocking read (or the first one after
+/// that which has to wait).
+const PROBE_EVERY: u32 = 64;
+
+/// A read shorter than this found its data waiting.
+const NO_WAIT: Duration = Duration::from_micros(2);
+
+/// The blocking waits after which a worker polls: longer than a client on
+/// the same core takes to answer, shorter than a pause in the work.
+const POLL_AFTER_WAITS: std::ops::Range<Duration> =
+    Duration::from_micros(12)..Duration::from_micros(200);
+
+impl Eager {
+    fn new(stream: Stream) -> Eager {
+        Eager { stream, reads: 0, poll: false }
+    }
+
+    /// Reads what is there without blocking; `None` when nothing is.
+    fn try_read(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        match nix::sys::socket::recv(self.stream.raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => Some(Ok(n)),
+            Err(Errno::EAGAIN) => None,
+            Err(e) => Some(Err(e.into())),
+        }
+    }
+}
+
+impl Read for Eager {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reads += 1;
+        if self.reads >= PROBE_EVERY || !self.poll {
+            if self.reads < PROBE_EVERY {
+                return self.stream.read(buf);
+            }
+            // The probe: a plain blocking read, timed. One that found its
+            // data waiting tells nothing.
+            let started = Instant::now();
+            let read = self.stream.read(buf);
+            let waited = started.elapsed();
+            if waited >= NO_WAIT {
+                self.reads = 0;
+                self.poll = POLL_AFTER_WAITS.contains(&waited);
+            }
+            return read;
+        }
+        if let Some(read) = self.try_read(buf) {
+            return read;
+        }
+        let started = Instant::now();
+        loop {
+            let _ = nix::sched::sched_yield();
+            if let Some(read) = self.try_read(buf) {
+                return read;
+            }
+            if started.elapsed() >= READ_SPIN {
+                return self.stream.read(buf);
+            }
         }
     }
 }
@@ -208,7 +299,7 @@ fn client_left(e: &io::Error) -> bool {
 
 /// The worker side of one connection.
 struct Connection<'a> {
-    reader: BufReader<Stream>,
+    reader: BufReader<Eager>,
     writer: Stream,
     options: Options<'a>,
     body: Vec<u8>,
@@ -228,8 +319,10 @@ enum ConnError {
 
 impl<'a> Connection<'a> {
     fn new(stream: Stream, options: Options<'a>) -> Result<Connection<'a>, ConnError> {
-        let reader =
-            BufReader::with_capacity(64 << 10, stream.try_clone().map_err(FrameError::Io)?);
+        let reader = BufReader::with_capacity(
+            64 << 10,
+            Eager::new(stream.try_clone().map_err(FrameError::Io)?),
+        );
         Ok(Connection { reader, writer: stream, options, body: Vec::new(), out: Vec::new() })
     }
 
@@ -562,4 +655,57 @@ fn setup_failure(mut e: ErrorReply) -> ErrorReply {
         e.kind = ErrorKind::SetupFailed;
     }
     e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reading end in the given mode, and the writing end.
+    fn pair(poll: bool) -> (BufReader<Eager>, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut eager = Eager::new(Stream::Unix(ours));
+        eager.poll = poll;
+        (BufReader::with_capacity(16, eager), theirs)
+    }
+
+    #[test]
+    fn frames_arrive_whole_whether_polling_or_blocking() {
+        for poll in [false, true] {
+            let (mut reader, mut writer) = pair(poll);
+            let sent: Vec<Vec<u8>> =
+                (0..200u32).map(|i| vec![i as u8; (i % 50) as usize]).collect();
+            let frames = sent.clone();
+            let feeder = std::thread::spawn(move || {
+                for (i, body) in frames.iter().enumerate() {
+                    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+                    frame.extend_from_slice(body);
+                    // Some frames wait for the reader, some are there before it.
+                    if i % 3 == 0 {
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                    writer.write_all(&frame).unwrap();
+                }
+            });
+            let mut body = Vec::new();
+            for want in &sent {
+                assert!(protocol::read_frame(&mut reader, &mut body, 1 << 20).unwrap());
+                assert_eq!(&body, want, "polling: {poll}");
+            }
+            feeder.join().unwrap();
+            // Past every probe, in either mode, the close reads as the end.
+            assert!(!protocol::read_frame(&mut reader, &mut body, 1 << 20).unwrap());
+        }
+    }
+
+    #[test]
+    fn a_close_while_polling_ends_the_read() {
+        let (mut reader, writer) = pair(true);
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            drop(writer);
+        });
+        assert!(!protocol::read_frame(&mut reader, &mut Vec::new(), 1 << 20).unwrap());
+        closer.join().unwrap();
+    }
 }
