@@ -3,14 +3,16 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, MutexGuard as StdGuard, PoisonError};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::runtime::{Handle, Id as RuntimeId};
-use tokio::sync::{Mutex, MutexGuard, Notify};
+use tokio::sync::{Mutex, MutexGuard};
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -46,9 +48,9 @@ pub struct Checkout {
     ledger: std::sync::Mutex<Ledger>,
     /// The calls made and not yet answered, in the order they were made.
     outbox: std::sync::Mutex<Outbox>,
-    /// Tells the call holding the worker that a call was made.
-    queued: Notify,
-    /// Cancelled by [`Checkout::abort`].
+    /// Wakes the call holding the worker.
+    bell: Bell,
+    /// Cancelled by [`Checkout::abort`], for the calls waiting for their turn.
     abort: CancellationToken,
 }
 
@@ -64,6 +66,32 @@ struct Seat {
     /// on another runtime than the timer's (whose timers that runtime
     /// drives, if it still runs at all).
     alarm: Option<(RuntimeId, Pin<Box<Sleep>>)>,
+}
+
+/// Wakes the call holding the worker (one call at a time holds it) when a
+/// call is made behind it or the checkout is aborted: a flag each, and the
+/// holder's waker.
+#[derive(Default)]
+struct Bell {
+    waker: AtomicWaker,
+    queued: AtomicBool,
+    aborted: AtomicBool,
+}
+
+impl Bell {
+    fn ring(&self, flag: &AtomicBool) {
+        flag.store(true, SeqCst);
+        self.waker.wake();
+    }
+
+    /// Resolves once `flag` is set, clearing it if `take`.
+    fn wait<'a>(&'a self, flag: &'a AtomicBool, take: bool) -> impl Future<Output = ()> + 'a {
+        std::future::poll_fn(move |cx| {
+            self.waker.register(cx.waker());
+            let set = if take { flag.swap(false, SeqCst) } else { flag.load(SeqCst) };
+            if set { Poll::Ready(()) } else { Poll::Pending }
+        })
+    }
 }
 
 /// Why a call stopped waiting for its turn.
@@ -194,7 +222,7 @@ impl Checkout {
             seat: Arc::new(Mutex::new(Seat { worker: Some(worker), tainted: false, alarm: None })),
             ledger: std::sync::Mutex::default(),
             outbox: std::sync::Mutex::default(),
-            queued: Notify::new(),
+            bell: Bell::default(),
             abort: CancellationToken::new(),
         }
     }
@@ -266,6 +294,7 @@ impl Checkout {
             return;
         }
         tracing::warn!(worker.pid = self.pid, "checkout aborted; closing its worker");
+        self.bell.ring(&self.bell.aborted);
         self.abort.cancel();
         match self.seat.clone().try_lock_owned() {
             Ok(mut seat) => close(&mut seat, Retirement::Aborted),
@@ -332,7 +361,7 @@ impl Checkout {
         };
         if behind {
             // The call holding the worker sends it ahead if it can.
-            self.queued.notify_one();
+            self.bell.ring(&self.bell.queued);
         }
         // The clock was read when the call was made, a moment ago.
         if self.deadline.is_some_and(|deadline| issued >= deadline) {
@@ -353,7 +382,7 @@ impl Checkout {
         let mut aborted = pin!(None);
         let mut alarm = pin!(None::<Sleep>);
         std::future::poll_fn(|cx| {
-            if self.abort.is_cancelled() {
+            if self.bell.aborted.load(SeqCst) {
                 return Poll::Ready(Err(Interrupted::Aborted));
             }
             if let Poll::Ready(seat) = wait.as_mut().poll(cx) {
@@ -415,7 +444,7 @@ impl Checkout {
         if id.is_none() || turn.seat.worker.is_none() {
             let skipped = self.ledger().skip(self.pid, method, ticket);
             if let Some(error) = skipped {
-                if self.abort.is_cancelled() {
+                if self.bell.aborted.load(SeqCst) {
                     turn.close(Retirement::Aborted);
                 }
                 return Err(error);
@@ -440,7 +469,7 @@ impl Checkout {
         let worker = seat.worker.as_mut().expect("checked above");
         let answer = tokio::select! {
             biased;
-            () = self.abort.cancelled() => Err(Interrupted::Aborted),
+            () = self.bell.wait(&self.bell.aborted, false) => Err(Interrupted::Aborted),
             answer = self.exchange::<R>(worker, method, place.seq, own, time_left) => Ok(answer),
             () = alarm(&mut seat.alarm, self.deadline) => Err(Interrupted::Deadline),
         };
@@ -505,7 +534,7 @@ impl Checkout {
             let frame = tokio::select! {
                 biased;
                 frame = worker.next_frame() => frame,
-                () = self.queued.notified() => continue,
+                () = self.bell.wait(&self.bell.queued, true) => continue,
             };
             return (worker.answer(frame, id, method, self.started), Some(at));
         }
