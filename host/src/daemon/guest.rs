@@ -440,10 +440,8 @@ impl Guest {
     /// Takes the log records and output lines made since the last call began.
     pub fn take_logs(&mut self) -> Vec<LogRecord> {
         let state = self.store.data_mut();
-        for (target, capture) in
-            [("stdout", state.stdout.clone()), ("stderr", state.stderr.clone())]
-        {
-            let drained = capture.drain();
+        let drained = [("stdout", state.stdout.drain()), ("stderr", state.stderr.drain())];
+        for (target, drained) in drained {
             for line in drained.lines {
                 state.push_log(3, target.as_bytes(), line.as_bytes(), Vec::new());
             }
@@ -459,9 +457,11 @@ impl Guest {
                 state.log_limit
             ));
         }
-        let at_us = state.call_start.elapsed().as_micros() as u64;
         let mut logs = std::mem::take(&mut state.logs);
-        logs.extend(state.notes.drain(..).map(|note| record(2, "wasm_task", note, at_us)));
+        if !state.notes.is_empty() {
+            let at_us = state.call_start.elapsed().as_micros() as u64;
+            logs.extend(state.notes.drain(..).map(|note| record(2, "wasm_task", note, at_us)));
+        }
         state.log_bytes = 0;
         logs
     }

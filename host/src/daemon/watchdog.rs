@@ -128,13 +128,17 @@ impl Watchdog {
     /// the hung-worker timeout if that comes first; a client hanging up
     /// meanwhile ends the process. Returns which of the two bounds it.
     pub fn begin(&self, timeout: Option<Duration>) -> Bound {
+        self.begin_at(Instant::now(), timeout)
+    }
+
+    /// [`Watchdog::begin`], with the time it is now.
+    pub fn begin_at(&self, now: Instant, timeout: Option<Duration>) -> Bound {
         let (limit, bound, grace) = match timeout {
             Some(t) if t <= self.hung_timeout => (t, Bound::Client, GRACE),
             // Sub-second hung timeouts get as short a grace period.
             _ => (self.hung_timeout, Bound::Hung, GRACE.min(self.hung_timeout)),
         };
         let backstop = limit.saturating_add(grace).as_secs().saturating_add(2);
-        let now = Instant::now();
         let (read_at, mut cpu) = self.clock.get();
         if now.saturating_duration_since(read_at) >= CLOCK_EVERY {
             cpu = self.read_clock(now);
@@ -150,14 +154,13 @@ impl Watchdog {
     }
 
     /// CPU time the calling thread (the guest's) used in the guest entry
-    /// begun last, by its CPU clock. For an entry shorter than
+    /// begun last and ended at `now`, by its CPU clock. For an entry shorter than
     /// [`CLOCK_EVERY`] the clock is not read and this is the entry's wall
     /// time, which bounds it. For a longer one it may include up to
     /// `CLOCK_EVERY` of the worker's own time before the entry (when the
     /// clock was last read that long before it began), and is never more
     /// than the entry's wall time.
-    pub fn cpu_used(&self) -> Duration {
-        let now = Instant::now();
+    pub fn cpu_used(&self, now: Instant) -> Duration {
         let (began, cpu_then) = self.begun.get();
         let wall = now.saturating_duration_since(began);
         if wall < CLOCK_EVERY {

@@ -515,7 +515,7 @@ fn call(
     let max_frame = options.max_frame;
     let started = Instant::now();
     debug!(method, timeout_ms = timeout.map(|t| t.as_millis() as u64), "calling");
-    let bound = watchdog.begin(timeout);
+    let bound = watchdog.begin_at(started, timeout);
     let result = guest.call(method, args);
     watchdog.end();
     let mut result = result.map_err(|e| explain_timeout(e, bound, &options));
@@ -528,10 +528,11 @@ fn call(
             format!("reply of {} bytes exceeds the {max_frame} byte frame limit", r.len());
         result = Err(ErrorReply::new(ErrorKind::Limit, message));
     }
-    let elapsed_us = started.elapsed().as_micros() as u64;
+    let ended = Instant::now();
+    let elapsed_us = ended.saturating_duration_since(started).as_micros() as u64;
     let stats = CallStats {
         wall_us: elapsed_us,
-        cpu_us: watchdog.cpu_used().as_micros() as u64,
+        cpu_us: watchdog.cpu_used(ended).as_micros() as u64,
         fuel: guest.fuel_used(),
     };
     let logs = guest.take_logs();
