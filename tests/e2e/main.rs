@@ -10,6 +10,7 @@ mod hostile;
 mod limits;
 mod pool;
 mod pool_semantics;
+mod reading;
 mod robustness;
 mod sandbox;
 mod zygote;

@@ -9,6 +9,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use nix::unistd::{Gid, Group, Uid, User};
 
@@ -193,34 +194,45 @@ pub fn thread_cpu() -> std::time::Duration {
         .unwrap_or_default()
 }
 
+/// Whether this process keeps a CPU-time backstop (see [`ensure_cpu_room`]).
+static BACKSTOP: AtomicBool = AtomicBool::new(false);
+
+/// Makes this process (a worker or zygote) keep a CPU-time backstop.
+pub fn enable_cpu_backstop() {
+    BACKSTOP.store(true, Relaxed);
+}
+
 /// RLIMIT_CPU kept far enough ahead of the CPU time used: the kernel ends
 /// the process with SIGXCPU should the watchdog thread ever fail to end a
 /// runaway guest entry.
 ///
-/// Re-armed only when the room left is less than an entry may need, and
-/// then with twice that room, so that most entries make no system call
-/// for it; the backstop is thus at most twice as loose as an entry's bound.
-#[derive(Default)]
-pub struct CpuBackstop {
-    /// The soft limit last set, in CPU seconds; 0 before the first.
-    armed: std::cell::Cell<u64>,
-}
-
-impl CpuBackstop {
-    /// Makes sure `seconds` more CPU time are allowed after `used`.
-    pub fn ensure(&self, used: std::time::Duration, seconds: u64) {
-        let used = used.as_secs().saturating_add(1);
-        if self.armed.get() >= used.saturating_add(seconds) {
-            return;
-        }
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: libc::RLIM_INFINITY };
-        // SAFETY: `limit` is valid for writes for the duration of the call.
-        unsafe { libc::getrlimit(libc::RLIMIT_CPU, &mut limit) };
-        limit.rlim_cur = used.saturating_add(seconds.saturating_mul(2)).min(limit.rlim_max);
-        // SAFETY: `limit` is a valid rlimit for the duration of the call.
-        unsafe { libc::setrlimit(libc::RLIMIT_CPU, &limit) };
-        self.armed.set(limit.rlim_cur);
+/// Makes sure `seconds` more CPU time are allowed after `used`. Each guest
+/// entry asks for the room its bound needs; the worker's reading of
+/// requests between entries asks for some too (a request that trickles in
+/// for minutes costs CPU time outside any entry). Re-armed only when the
+/// room left is less than asked, and then with twice that room, so that
+/// most calls make no system call for it; the backstop is thus at most
+/// twice as loose as an entry's bound. The limit is the process's, so is
+/// what was set last.
+///
+/// Does nothing in a process that has not called [`enable_cpu_backstop`]
+/// (the daemon's own, or a test's).
+pub fn ensure_cpu_room(used: std::time::Duration, seconds: u64) {
+    static ARMED: AtomicU64 = AtomicU64::new(0);
+    if !BACKSTOP.load(Relaxed) {
+        return;
     }
+    let used = used.as_secs().saturating_add(1);
+    if ARMED.load(Relaxed) >= used.saturating_add(seconds) {
+        return;
+    }
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: `limit` is valid for writes for the duration of the call.
+    unsafe { libc::getrlimit(libc::RLIMIT_CPU, &mut limit) };
+    limit.rlim_cur = used.saturating_add(seconds.saturating_mul(2)).min(limit.rlim_max);
+    // SAFETY: `limit` is a valid rlimit for the duration of the call.
+    unsafe { libc::setrlimit(libc::RLIMIT_CPU, &limit) };
+    ARMED.store(limit.rlim_cur, Relaxed);
 }
 
 fn set_rlimit(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> io::Result<()> {

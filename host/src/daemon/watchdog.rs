@@ -50,7 +50,6 @@ pub struct Watchdog {
     /// When the current (or last) guest entry began, and the clock reading
     /// that stands for its start: taken then, or at most [`CLOCK_EVERY`] before.
     begun: Cell<(Instant, Duration)>,
-    backstop: harden::CpuBackstop,
 }
 
 /// What bounds a guest entry.
@@ -102,6 +101,7 @@ impl Watchdog {
         });
         let state = shared.clone();
         let handle = thread::Builder::new().name("watchdog".into()).spawn(move || watch(&state))?;
+        harden::enable_cpu_backstop();
         let reading = (Instant::now(), harden::thread_cpu());
         Ok(Watchdog {
             shared,
@@ -109,7 +109,6 @@ impl Watchdog {
             hung_timeout,
             clock: Cell::new(reading),
             begun: Cell::new(reading),
-            backstop: harden::CpuBackstop::default(),
         })
     }
 
@@ -148,7 +147,7 @@ impl Watchdog {
         // stands for it, the watchdog thread using next to nothing beside
         // the second of slack the backstop keeps (a reading at most
         // CLOCK_EVERY old is as good).
-        self.backstop.ensure(cpu, backstop);
+        harden::ensure_cpu_room(cpu, backstop);
         self.arm(now, limit, grace);
         bound
     }

@@ -123,6 +123,10 @@ const READ_SPIN: Duration = Duration::from_micros(50);
 /// that which has to wait).
 const PROBE_EVERY: u32 = 64;
 
+/// CPU seconds kept allowed ahead of a worker reading requests (at most
+/// [`PROBE_EVERY`] reads, a few milliseconds of CPU, pass between two looks).
+const READING_ROOM_S: u64 = 2;
+
 /// A read shorter than this found its data waiting.
 const NO_WAIT: Duration = Duration::from_micros(2);
 
@@ -148,11 +152,16 @@ impl Eager {
 
 impl Read for Eager {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.reads += 1;
+        // Saturating: a run of reads that all find their data waiting
+        // keeps the probe due without counting on.
+        self.reads = self.reads.saturating_add(1);
         if self.reads >= PROBE_EVERY || !self.poll {
             if self.reads < PROBE_EVERY {
                 return self.stream.read(buf);
             }
+            // Reading takes CPU time outside any guest entry: keep the
+            // CPU-time backstop ahead of it.
+            harden::ensure_cpu_room(harden::thread_cpu(), READING_ROOM_S);
             // The probe: a plain blocking read, timed. One that found its
             // data waiting tells nothing.
             let started = Instant::now();
@@ -697,6 +706,52 @@ mod tests {
             // Past every probe, in either mode, the close reads as the end.
             assert!(!protocol::read_frame(&mut reader, &mut body, 1 << 20).unwrap());
         }
+    }
+
+    /// A worker spends CPU time reading requests, outside any guest entry
+    /// (polling for a request that trickles in, most of all): the CPU-time
+    /// backstop must keep ahead of it, or the kernel kills the worker with
+    /// SIGXCPU in the middle of a read.
+    #[test]
+    fn reading_keeps_the_cpu_backstop_ahead() {
+        let (mut reader, mut writer) = pair(false);
+        // 256 reads of the 16-byte buffer: four times the probe's period.
+        writer.write_all(&[7u8; 4096]).unwrap();
+        drop(writer);
+        // SAFETY: the child reads from its socket and spins, without
+        // allocating, then leaves with _exit.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            harden::enable_cpu_backstop();
+            // One CPU second of room, as a short entry's backstop may leave.
+            let used = harden::thread_cpu().as_secs();
+            let limit = libc::rlimit { rlim_cur: used + 1, rlim_max: libc::RLIM_INFINITY };
+            // SAFETY: a valid rlimit for the duration of the call.
+            unsafe { libc::setrlimit(libc::RLIMIT_CPU, &limit) };
+            // Half a millisecond of CPU per byte: two seconds in all.
+            let mut byte = [0u8; 1];
+            let code = loop {
+                match reader.read(&mut byte) {
+                    Ok(0) => break 0,
+                    Ok(_) => {
+                        let from = harden::thread_cpu();
+                        while harden::thread_cpu() - from < Duration::from_micros(500) {}
+                    }
+                    Err(_) => break 2,
+                }
+            };
+            // SAFETY: leave the forked test process at once.
+            unsafe { libc::_exit(code) };
+        }
+        drop(reader);
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(child, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the reader ended with status {status:#x} (signal {})",
+            libc::WTERMSIG(status)
+        );
     }
 
     #[test]
