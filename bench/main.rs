@@ -157,7 +157,7 @@ fn main() -> anyhow::Result<()> {
         "wasm-task benchmark{} on {machine}",
         if quick { " (quick mode: figures not meaningful)" } else { "" }
     );
-    println!("{}", report::table(&rows));
+    println!("{}", report::table(&rows, !quick));
     let json = serde_json::json!({ "machine": machine, "quick": quick, "rows": rows });
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&json)?)?;
     println!("wrote {}", out.join("results.json").display());

@@ -122,7 +122,9 @@ fn fmt_value(v: f64, p99: Option<f64>) -> String {
 }
 
 /// The report as a fixed-width table.
-pub fn table(rows: &[Row]) -> String {
+/// The table as text; with `judged` false (quick mode, whose figures mean
+/// nothing) targets are shown without saying whether they were met.
+pub fn table(rows: &[Row], judged: bool) -> String {
     let mut out = String::new();
     let header =
         ["section", "figure", "unit", "value", "baseline", "baseline value", "ratio", "target"];
@@ -131,7 +133,12 @@ pub fn table(rows: &[Row]) -> String {
         let target = match (r.target, r.met, r.better) {
             (Some(t), Some(met), b) => {
                 let op = if matches!(b, Better::Lower) { "<=" } else { ">=" };
-                format!("{op} {t:.2} {}", if met { "met" } else { "MISSED" })
+                let verdict = match (judged, met) {
+                    (false, _) => "(not judged)",
+                    (true, true) => "met",
+                    (true, false) => "MISSED",
+                };
+                format!("{op} {t:.2} {verdict}")
             }
             _ => "-".to_owned(),
         };
