@@ -3,7 +3,7 @@
 //! (ratios, not absolute times: shared machines drift).
 //!
 //! - `cargo bench -p wasm-task --bench pool`: the full run (release build).
-//! - `cargo test -p wasm-task --bench pool -- --quick`: a few seconds, to
+//! - `cargo test -p wasm-task --bench pool -- --quick`: a few seconds once built, to
 //!   check that every measurement works; its figures mean nothing.
 //!
 //! The table is printed and written, with the machine it ran on, to

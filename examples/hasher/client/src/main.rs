@@ -104,7 +104,8 @@ async fn hash_and_verify(client: &Client, password: &str) -> Result<Outcome> {
 
 fn print_timing(outcomes: &[Outcome], total: Duration, workers: usize) {
     let count = outcomes.len();
-    println!("{count} passwords in {:.3} s with {workers} workers", total.as_secs_f64());
+    let workers = workers.min(count);
+    println!("{count} passwords in {:.3} s on {workers} workers at most", total.as_secs_f64());
     if count == 0 {
         return;
     }
