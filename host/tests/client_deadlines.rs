@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use client_fake::{FakeDaemon, Options, wait_until};
 use futures_util::FutureExt;
-use wasm_task::Error;
 use wasm_task::client::Phase;
+use wasm_task::{Checkout, Client, Error};
 
 /// A bound on any wait of these tests: a hang shows as a failure.
 const BOUND: Duration = Duration::from_secs(7200);
@@ -25,15 +25,22 @@ fn is_timeout<T: std::fmt::Debug>(result: &Result<T, Error>) -> bool {
     matches!(result, Err(Error::Timeout { phase: Phase::Calling { .. }, .. }))
 }
 
+/// A fake daemon, a client of one worker with `timeout` per checkout, and
+/// a checkout of that worker.
+async fn one_worker(timeout: Duration) -> (FakeDaemon, Client, Checkout) {
+    let daemon = FakeDaemon::running(Options::default());
+    let client = daemon.client().max_workers(1).timeout(Some(timeout)).build();
+    let checkout = client.checkout().await.unwrap();
+    (daemon, client, checkout)
+}
+
 async fn bounded<F: Future>(what: &str, future: F) -> F::Output {
     tokio::time::timeout(BOUND, future).await.unwrap_or_else(|_| panic!("hung: {what}"))
 }
 
 #[tokio::test(start_paused = true)]
 async fn every_pipelined_call_times_out_and_the_worker_is_not_reused() {
-    let daemon = FakeDaemon::running(Options::default());
-    let client = daemon.client().max_workers(1).timeout(Some(Duration::from_secs(5))).build();
-    let checkout = client.checkout().await.unwrap();
+    let (daemon, client, checkout) = one_worker(Duration::from_secs(5)).await;
     let pid = checkout.worker_pid();
     let start = tokio::time::Instant::now();
 
@@ -59,9 +66,7 @@ async fn every_pipelined_call_times_out_and_the_worker_is_not_reused() {
 
 #[tokio::test(start_paused = true)]
 async fn holder_left_unpolled_past_the_deadline_times_out_when_polled_again() {
-    let daemon = FakeDaemon::running(Options::default());
-    let client = daemon.client().max_workers(1).timeout(Some(Duration::from_secs(5))).build();
-    let checkout = client.checkout().await.unwrap();
+    let (daemon, client, checkout) = one_worker(Duration::from_secs(5)).await;
     let pid = checkout.worker_pid();
 
     let mut holder = Box::pin(checkout.call::<()>("slow", &()));
@@ -87,9 +92,7 @@ async fn holder_left_unpolled_past_the_deadline_times_out_when_polled_again() {
 
 #[tokio::test(start_paused = true)]
 async fn calls_queued_behind_a_dropped_holder_end_before_the_deadline_passes() {
-    let daemon = FakeDaemon::running(Options::default());
-    let client = daemon.client().max_workers(1).timeout(Some(Duration::from_secs(5))).build();
-    let checkout = client.checkout().await.unwrap();
+    let (daemon, client, checkout) = one_worker(Duration::from_secs(5)).await;
     let pid = checkout.worker_pid();
 
     let mut holder = Box::pin(checkout.call::<()>("slow", &()));
@@ -119,9 +122,7 @@ async fn calls_queued_behind_a_dropped_holder_end_before_the_deadline_passes() {
 
 #[tokio::test(start_paused = true)]
 async fn dropping_a_call_sent_ahead_then_the_deadline_closes_the_worker_once() {
-    let daemon = FakeDaemon::running(Options::default());
-    let client = daemon.client().max_workers(1).timeout(Some(Duration::from_secs(5))).build();
-    let checkout = client.checkout().await.unwrap();
+    let (daemon, client, checkout) = one_worker(Duration::from_secs(5)).await;
     let pid = checkout.worker_pid();
 
     let mut slow = Box::pin(checkout.call::<()>("slow", &()));
@@ -227,9 +228,7 @@ async fn abort_at_the_deadline_ends_every_call_and_closes_the_worker_once() {
 async fn a_reply_due_at_the_deadline_hands_the_turn_to_a_call_that_times_out() {
     // `slow` answers 3600 s after it arrives; the checkout's deadline is at
     // the same virtual instant (nothing else advances the paused clock).
-    let daemon = FakeDaemon::running(Options::default());
-    let client = daemon.client().max_workers(1).timeout(Some(Duration::from_secs(3600))).build();
-    let checkout = client.checkout().await.unwrap();
+    let (daemon, client, checkout) = one_worker(Duration::from_secs(3600)).await;
     let pid = checkout.worker_pid();
 
     let (first, second) = bounded("both calls", async {
@@ -305,9 +304,7 @@ async fn checkout_without_a_timeout_keeps_queued_calls_waiting_for_hours() {
 
 #[tokio::test(start_paused = true)]
 async fn a_call_made_after_the_deadline_closes_the_idle_worker_at_once() {
-    let daemon = FakeDaemon::running(Options::default());
-    let client = daemon.client().max_workers(1).timeout(Some(Duration::from_secs(5))).build();
-    let checkout = client.checkout().await.unwrap();
+    let (daemon, client, checkout) = one_worker(Duration::from_secs(5)).await;
     let pid = checkout.worker_pid();
     assert_eq!(checkout.call::<u8>("echo", &1u8).await.unwrap(), 1);
 
@@ -347,9 +344,7 @@ async fn deadline_passing_between_calls_then_drop_reuses_the_worker_only_if_no_c
 
 #[tokio::test(start_paused = true)]
 async fn queued_calls_left_unpolled_time_out_when_polled_and_the_holder_times_out() {
-    let daemon = FakeDaemon::running(Options::default());
-    let client = daemon.client().max_workers(1).timeout(Some(Duration::from_secs(5))).build();
-    let checkout = client.checkout().await.unwrap();
+    let (daemon, client, checkout) = one_worker(Duration::from_secs(5)).await;
     let pid = checkout.worker_pid();
 
     let mut holder = Box::pin(checkout.call::<()>("slow", &()));
@@ -496,14 +491,19 @@ async fn a_call_made_from_another_runtime_does_not_break_the_deadline_of_later_c
     .join()
     .unwrap();
     first.unwrap();
+    slow_call_times_out(&checkout, &daemon, pid).await;
+}
 
+/// A slow call made now, on the test's runtime, ends at the checkout's
+/// deadline (3 s) and its worker is closed.
+async fn slow_call_times_out(checkout: &Arc<wasm_task::Checkout>, daemon: &FakeDaemon, pid: u32) {
     let second = tokio::spawn({
         let checkout = checkout.clone();
         async move { checkout.call::<()>("slow", &()).await }
     });
     let second = tokio::time::timeout(Duration::from_secs(10), second)
         .await
-        .expect("the slow call outlived its deadline by far");
+        .expect("the slow call outlived its 3 s deadline by 7 s");
     match second {
         Ok(result) => assert!(is_timeout(&result), "{result:?}"),
         Err(join) => panic!("the call panicked: {join}"),
@@ -535,19 +535,7 @@ async fn a_call_made_from_an_idle_runtime_does_not_disarm_the_deadline_of_later_
         scope.spawn(|| other.block_on(echo_many(&checkout))).join().unwrap()
     });
     first.unwrap();
-
-    let second = tokio::spawn({
-        let checkout = checkout.clone();
-        async move { checkout.call::<()>("slow", &()).await }
-    });
-    let second = tokio::time::timeout(Duration::from_secs(10), second)
-        .await
-        .expect("the slow call outlived its 3 s deadline by 7 s");
-    match second {
-        Ok(result) => assert!(is_timeout(&result), "{result:?}"),
-        Err(join) => panic!("the call panicked: {join}"),
-    }
-    wait_until_real("the worker is closed", || daemon.closed(pid)).await;
+    slow_call_times_out(&checkout, &daemon, pid).await;
     std::thread::spawn(move || drop(other)).join().unwrap();
 }
 
