@@ -121,9 +121,9 @@ fn fmt_value(v: f64, p99: Option<f64>) -> String {
     }
 }
 
-/// The report as a fixed-width table.
-/// The table as text; with `judged` false (quick mode, whose figures mean
-/// nothing) targets are shown without saying whether they were met.
+/// The report as a fixed-width table; with `judged` false (quick mode,
+/// whose figures mean nothing) targets are shown without saying whether
+/// they were met.
 pub fn table(rows: &[Row], judged: bool) -> String {
     let mut out = String::new();
     let header =
