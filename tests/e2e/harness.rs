@@ -30,6 +30,13 @@ pub struct Guests {
     pub echo_wat: PathBuf,
 }
 
+/// Where the guests are built: `guests/` in cargo's target directory
+/// (`$CARGO_TARGET_DIR`, relative to the workspace, or `target/`).
+fn guests_target() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
+    workspace().join(target).join("guests")
+}
+
 /// Builds the guest crates for wasm32-wasip1 (once per test process).
 ///
 /// They are built in a target directory of their own, so this nested cargo
@@ -38,7 +45,7 @@ pub fn guests() -> &'static Guests {
     static GUESTS: OnceLock<Guests> = OnceLock::new();
     GUESTS.get_or_init(|| {
         let root = workspace();
-        let target = root.join("target/guests");
+        let target = guests_target();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(&root)
@@ -395,7 +402,7 @@ pub fn hostile_rust() -> &'static Path {
     static GUEST: OnceLock<PathBuf> = OnceLock::new();
     GUEST.get_or_init(|| {
         let root = workspace();
-        let target = root.join("target/guests");
+        let target = guests_target();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(&root)
