@@ -7,8 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use client_fake::{FakeDaemon, Options, wait_until};
-use futures_util::FutureExt;
+use client_fake::{FakeDaemon, Options, started, wait_until};
 use serde::{Deserialize, Serialize};
 use wasm_task::Error;
 use wasm_task::client::{Phase, ProtocolError};
@@ -89,8 +88,7 @@ async fn a_call_waiting_behind_one_left_unpolled_still_times_out() {
     let checkout = client.checkout().await.unwrap();
     // The first call takes the worker, then nobody polls it: the timer it
     // would watch while holding the worker is not running.
-    let mut first = Box::pin(checkout.call::<()>("slow", &()));
-    assert!(first.as_mut().now_or_never().is_none());
+    let first = started(checkout.call::<()>("slow", &()));
 
     let waiting = checkout.call::<u8>("echo", &1u8);
     let second = tokio::time::timeout(Duration::from_secs(60), waiting)
@@ -324,8 +322,7 @@ async fn cancelled_call_closes_the_worker() {
     let checkout = client.checkout().await.unwrap();
     let pid = checkout.worker_pid();
 
-    let mut call = Box::pin(checkout.call::<()>("slow", &()));
-    assert!(call.as_mut().now_or_never().is_none());
+    let call = started(checkout.call::<()>("slow", &()));
     wait_until("the worker got the call", || daemon.events_of(pid).contains(&"call slow".into()))
         .await;
     drop(call);
@@ -344,10 +341,8 @@ async fn calls_made_while_one_runs_are_sent_ahead_and_giving_one_up_closes_the_w
     let checkout = client.checkout().await.unwrap();
     let pid = checkout.worker_pid();
 
-    let mut slow = Box::pin(checkout.call::<()>("slow", &()));
-    assert!(slow.as_mut().now_or_never().is_none());
-    let mut ahead = Box::pin(checkout.call::<u8>("echo", &1u8));
-    assert!(ahead.as_mut().now_or_never().is_none());
+    let mut slow = started(checkout.call::<()>("slow", &()));
+    let ahead = started(checkout.call::<u8>("echo", &1u8));
     let sent_ahead = wait_until("the worker got the echo while busy", || {
         daemon.events_of(pid).contains(&"request while busy".into())
     });

@@ -9,9 +9,9 @@ mod client_fake;
 use std::sync::Arc;
 use std::time::Duration;
 
-use client_fake::{FakeDaemon, Options, wait_until};
+use client_fake::{FakeDaemon, Options, started, wait_until};
 use futures_util::FutureExt;
-use wasm_task::client::Phase;
+use wasm_task::client::{Phase, Status};
 use wasm_task::{Checkout, Client, Error};
 
 /// A bound on any wait of these tests: a hang shows as a failure.
@@ -32,6 +32,16 @@ async fn one_worker(timeout: Duration) -> (FakeDaemon, Client, Checkout) {
     let client = daemon.client().max_workers(1).timeout(Some(timeout)).build();
     let checkout = client.checkout().await.unwrap();
     (daemon, client, checkout)
+}
+
+/// Ends `checkout` (a checkout of worker `pid`, or the last handle to one)
+/// and takes the next one, which must get another worker (that one was
+/// closed, not reused); the status then.
+async fn replaced(client: &Client, checkout: impl Sized, pid: u32) -> Status {
+    drop(checkout);
+    let next = bounded("next checkout", client.checkout()).await.unwrap();
+    assert_ne!(next.worker_pid(), pid, "the closed worker was reused");
+    client.status()
 }
 
 async fn bounded<F: Future>(what: &str, future: F) -> F::Output {
@@ -69,8 +79,7 @@ async fn holder_left_unpolled_past_the_deadline_times_out_when_polled_again() {
     let (daemon, client, checkout) = one_worker(Duration::from_secs(5)).await;
     let pid = checkout.worker_pid();
 
-    let mut holder = Box::pin(checkout.call::<()>("slow", &()));
-    assert!(holder.as_mut().now_or_never().is_none());
+    let holder = started(checkout.call::<()>("slow", &()));
     wait_until("the slow call reached the worker", || calls_seen(&daemon, pid).len() == 1).await;
 
     let queued = bounded("queued call", checkout.call::<u8>("echo", &1u8)).await;
@@ -95,10 +104,8 @@ async fn calls_queued_behind_a_dropped_holder_end_before_the_deadline_passes() {
     let (daemon, client, checkout) = one_worker(Duration::from_secs(5)).await;
     let pid = checkout.worker_pid();
 
-    let mut holder = Box::pin(checkout.call::<()>("slow", &()));
-    assert!(holder.as_mut().now_or_never().is_none());
-    let mut queued = Box::pin(checkout.call::<u8>("echo", &1u8));
-    assert!(queued.as_mut().now_or_never().is_none());
+    let holder = started(checkout.call::<()>("slow", &()));
+    let queued = started(checkout.call::<u8>("echo", &1u8));
     wait_until("the slow call reached the worker", || calls_seen(&daemon, pid).len() == 1).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(holder);
@@ -113,10 +120,7 @@ async fn calls_queued_behind_a_dropped_holder_end_before_the_deadline_passes() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let late = checkout.call::<u8>("echo", &2u8).await;
     assert!(is_timeout(&late), "{late:?}");
-    drop(checkout);
-    let next = bounded("next checkout", client.checkout()).await.unwrap();
-    assert_ne!(next.worker_pid(), pid);
-    let status = client.status();
+    let status = replaced(&client, checkout, pid).await;
     assert_eq!((status.retired.aborted, status.retired.timeout), (1, 0), "{status:?}");
 }
 
@@ -125,10 +129,8 @@ async fn dropping_a_call_sent_ahead_then_the_deadline_closes_the_worker_once() {
     let (daemon, client, checkout) = one_worker(Duration::from_secs(5)).await;
     let pid = checkout.worker_pid();
 
-    let mut slow = Box::pin(checkout.call::<()>("slow", &()));
-    assert!(slow.as_mut().now_or_never().is_none());
-    let mut ahead = Box::pin(checkout.call::<u8>("echo", &1u8));
-    assert!(ahead.as_mut().now_or_never().is_none());
+    let mut slow = started(checkout.call::<()>("slow", &()));
+    let ahead = started(checkout.call::<u8>("echo", &1u8));
     let sent_ahead = wait_until("the echo was sent ahead", || {
         daemon.events_of(pid).contains(&"request while busy".into())
     });
@@ -137,17 +139,13 @@ async fn dropping_a_call_sent_ahead_then_the_deadline_closes_the_worker_once() {
         () = sent_ahead => {}
     }
     drop(ahead);
-    let mut behind = Box::pin(checkout.call::<u8>("echo", &2u8));
-    assert!(behind.as_mut().now_or_never().is_none());
+    let behind = started(checkout.call::<u8>("echo", &2u8));
 
     let (slow, behind) = bounded("both calls", async { tokio::join!(slow, behind) }).await;
     assert!(is_timeout(&slow), "{slow:?}");
     assert!(is_timeout(&behind), "{behind:?}");
     wait_until("the worker is closed", || daemon.closed(pid)).await;
-    drop(checkout);
-    let next = bounded("next checkout", client.checkout()).await.unwrap();
-    assert_ne!(next.worker_pid(), pid);
-    let status = client.status();
+    let status = replaced(&client, checkout, pid).await;
     assert_eq!(status.retired.timeout + status.retired.aborted, 1, "{status:?}");
 }
 
@@ -158,8 +156,7 @@ async fn abort_while_the_holder_is_unpolled_ends_queued_calls_before_the_deadlin
     let checkout = Arc::new(client.checkout().await.unwrap());
     let pid = checkout.worker_pid();
 
-    let mut holder = Box::pin(checkout.call::<()>("slow", &()));
-    assert!(holder.as_mut().now_or_never().is_none());
+    let holder = started(checkout.call::<()>("slow", &()));
     wait_until("the slow call reached the worker", || calls_seen(&daemon, pid).len() == 1).await;
     let queued = tokio::spawn({
         let checkout = checkout.clone();
@@ -175,10 +172,7 @@ async fn abort_while_the_holder_is_unpolled_ends_queued_calls_before_the_deadlin
     let holder = bounded("holder", holder).await;
     assert!(matches!(holder, Err(Error::Aborted { .. })), "{holder:?}");
     wait_until("the worker is closed", || daemon.closed(pid)).await;
-    drop(checkout);
-    let next = bounded("next checkout", client.checkout()).await.unwrap();
-    assert_ne!(next.worker_pid(), pid);
-    let status = client.status();
+    let status = replaced(&client, checkout, pid).await;
     assert_eq!((status.retired.aborted, status.retired.timeout), (1, 0), "{status:?}");
 }
 
@@ -215,10 +209,7 @@ async fn abort_at_the_deadline_ends_every_call_and_closes_the_worker_once() {
         wait_until("the worker is closed", || daemon.closed(pid)).await;
         let later = checkout.call::<u8>("echo", &9u8).await;
         assert!(matches!(later, Err(Error::Aborted { .. })), "{later:?}");
-        drop(checkout);
-        let next = bounded("next checkout", client.checkout()).await.unwrap();
-        assert_ne!(next.worker_pid(), pid);
-        let status = client.status();
+        let status = replaced(&client, checkout, pid).await;
         assert_eq!(status.retired.aborted + status.retired.timeout, 1, "{status:?}");
         assert_eq!(status.workers(), 1, "{status:?}");
     }
@@ -347,8 +338,7 @@ async fn queued_calls_left_unpolled_time_out_when_polled_and_the_holder_times_ou
     let (daemon, client, checkout) = one_worker(Duration::from_secs(5)).await;
     let pid = checkout.worker_pid();
 
-    let mut holder = Box::pin(checkout.call::<()>("slow", &()));
-    assert!(holder.as_mut().now_or_never().is_none());
+    let holder = started(checkout.call::<()>("slow", &()));
     const VALUES: [u8; 5] = [0, 1, 2, 3, 4];
     let mut parked: Vec<_> =
         VALUES.iter().map(|i| Box::pin(checkout.call::<u8>("echo", i))).collect();

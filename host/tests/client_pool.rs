@@ -6,7 +6,7 @@ mod client_fake;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use client_fake::{FakeDaemon, Options, wait_until};
+use client_fake::{FakeDaemon, Options, started, wait_until};
 use futures_util::FutureExt;
 use wasm_task::client::{Phase, Status};
 use wasm_task::{Address, Error};
@@ -244,10 +244,8 @@ async fn refusal_goes_to_the_oldest_waiter_and_the_next_gets_a_worker() {
     let client = daemon.client().min_workers(0).max_workers(1).build();
 
     // Both queue before the first connection attempt has even started.
-    let mut oldest = Box::pin(client.checkout());
-    assert!(oldest.as_mut().now_or_never().is_none());
-    let mut next = Box::pin(client.checkout());
-    assert!(next.as_mut().now_or_never().is_none());
+    let oldest = started(client.checkout());
+    let next = started(client.checkout());
     assert_eq!(gauges(client.status()), (0, 0, 1, 2));
 
     let (oldest, next) = tokio::join!(oldest, next);

@@ -104,8 +104,8 @@ impl Read for Stream {
 ///
 /// On the client's own core polling only gets in the way (a yield does not
 /// always let the client run), and a worker cannot see where its client
-/// runs. So it measures: every [`PROBE_EVERY`] reads, one that has to wait
-/// is a plain blocking read, timed, and the worker polls until the next
+/// runs. So it measures: one read in [`PROBE_EVERY`] is a plain blocking
+/// read, timed, and if it had to wait, the worker polls until the next
 /// probe only if that wait was one polling shortens: longer than a
 /// same-core turnaround and shorter than a pause in the work.
 struct Eager {
@@ -119,8 +119,7 @@ struct Eager {
 /// Longest a worker polls for data before a blocking read.
 const READ_SPIN: Duration = Duration::from_micros(50);
 
-/// One read in this many is a timed blocking read (or the first one after
-/// that which has to wait).
+/// One read in this many is a timed blocking read.
 const PROBE_EVERY: u32 = 64;
 
 /// CPU seconds kept allowed ahead of a worker reading requests (at most
@@ -152,26 +151,25 @@ impl Eager {
 
 impl Read for Eager {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // Saturating: a run of reads that all find their data waiting
-        // keeps the probe due without counting on.
-        self.reads = self.reads.saturating_add(1);
-        if self.reads >= PROBE_EVERY || !self.poll {
-            if self.reads < PROBE_EVERY {
-                return self.stream.read(buf);
-            }
+        self.reads += 1;
+        if self.reads == PROBE_EVERY {
+            self.reads = 0;
             // Reading takes CPU time outside any guest entry: keep the
             // CPU-time backstop ahead of it.
             harden::ensure_cpu_room(harden::thread_cpu(), READING_ROOM_S);
             // The probe: a plain blocking read, timed. One that found its
-            // data waiting tells nothing.
+            // data waiting (calls sent ahead) tells nothing; polling does
+            // not matter while that lasts.
             let started = Instant::now();
             let read = self.stream.read(buf);
             let waited = started.elapsed();
             if waited >= NO_WAIT {
-                self.reads = 0;
                 self.poll = POLL_AFTER_WAITS.contains(&waited);
             }
             return read;
+        }
+        if !self.poll {
+            return self.stream.read(buf);
         }
         if let Some(read) = self.try_read(buf) {
             return read;

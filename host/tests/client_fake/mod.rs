@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
@@ -417,6 +417,15 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Polls `done` until it holds, pausing 1 ms (of virtual time, under a
 /// paused clock) between tries; panics after 10 000 tries.
+/// Polls `future` once, checks that it did not finish then, and returns it
+/// pinned, to be awaited or dropped later (a call that has taken its place
+/// on a checkout, say).
+pub fn started<F: Future>(future: F) -> std::pin::Pin<Box<F>> {
+    let mut future = Box::pin(future);
+    assert!(future.as_mut().now_or_never().is_none(), "finished at its first poll");
+    future
+}
+
 pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     for _ in 0..10_000 {
         if done() {
