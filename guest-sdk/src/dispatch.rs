@@ -3,8 +3,8 @@
 use std::fmt::Display;
 use std::io::Write as _;
 
+use serde::Deserialize;
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use crate::reply::Status;
 
@@ -79,14 +79,14 @@ const fn same(a: &str, b: &str) -> bool {
 ///
 /// `name` is the method's name, for error messages.
 #[doc(hidden)]
-pub fn run_method<A, R, E>(
+pub fn run_method<'a, A, R, E>(
     name: &str,
     method: impl FnOnce(A) -> Result<R, E>,
-    args: &[u8],
+    args: &'a [u8],
     out: &mut Vec<u8>,
 ) -> Status
 where
-    A: DeserializeOwned,
+    A: Deserialize<'a>,
     R: Serialize,
     E: Display,
 {

@@ -131,9 +131,12 @@ pub use seed::fresh_seed;
 /// Call it once, at the root of a `cdylib` crate. Keys, in this order:
 ///
 /// - `methods: { "name" => function, ... }` (required, may be empty): each
-///   function is a `fn(A) -> Result<R, E>` with `A: serde::de::DeserializeOwned`,
+///   function is a `fn(A) -> Result<R, E>` with `A: serde::Deserialize`,
 ///   `R: serde::Serialize` and `E: std::fmt::Display` (a closure works too).
 ///   A method without arguments takes `()`, which callers send as nil.
+///   Arguments may borrow from the request, which saves copying them:
+///   `&str`, `&serde_bytes::Bytes`, or structs holding them (the bench
+///   guest's `echo` takes and returns a `&Bytes`).
 /// - `init: function` (optional): a `fn() -> Result<(), E>` run once per
 ///   module before any worker starts, in the zygote the daemon forks workers
 ///   from (once per worker when the daemon runs the module without one).

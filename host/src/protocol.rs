@@ -244,6 +244,84 @@ pub fn encode_frame<T: Serialize>(msg: &T, buf: &mut Vec<u8>) -> Result<(), Fram
     Ok(())
 }
 
+/// Byte strings this long or longer are left out of a frame by
+/// [`encode_frame_around`]; copying a shorter one costs less than a longer
+/// vectored write.
+pub const LEAVE_OUT_MIN: usize = 4096;
+
+/// Like [`encode_frame`], but leaves out the bytes of `payload` when `msg`
+/// encodes that very slice as a byte string (a [`Payload`] borrowing it
+/// does) and it is at least [`LEAVE_OUT_MIN`] bytes long. The length prefix
+/// counts them all the same; the returned offset says where in `buf` they
+/// belong. Send the frame with [`write_frame_around`].
+///
+/// A worker encodes a method's result this way straight from the guest's
+/// memory, saving a copy of it.
+pub fn encode_frame_around<T: Serialize>(
+    msg: &T,
+    payload: &[u8],
+    buf: &mut Vec<u8>,
+) -> Result<Option<usize>, FrameError> {
+    buf.clear();
+    buf.extend_from_slice(&[0; HEADER_LEN]);
+    let mut writer = LeaveOut { buf, payload, at: None };
+    rmp_serde::encode::write_named(&mut writer, msg)?;
+    let at = writer.at;
+    let body = buf.len() - HEADER_LEN + at.map_or(0, |_| payload.len());
+    let len = u32::try_from(body)
+        .map_err(|_| FrameError::TooLarge { len: body, max: u32::MAX as usize })?;
+    buf[..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    Ok(at)
+}
+
+/// A writer appending to a buffer, except for one byte string it only notes
+/// the place of.
+struct LeaveOut<'a> {
+    buf: &'a mut Vec<u8>,
+    payload: &'a [u8],
+    at: Option<usize>,
+}
+
+impl Write for LeaveOut<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        // The encoder hands a byte string's contents over in one write of
+        // the very slice it was given: the same address and length.
+        if self.at.is_none() && data.len() >= LEAVE_OUT_MIN && std::ptr::eq(data, self.payload) {
+            self.at = Some(self.buf.len());
+        } else {
+            self.buf.extend_from_slice(data);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes a frame made by [`encode_frame_around`] to a blocking writer, the
+/// left-out bytes from `payload`, in vectored writes.
+pub fn write_frame_around(
+    w: &mut impl Write,
+    frame: &[u8],
+    at: Option<usize>,
+    payload: &[u8],
+) -> Result<(), FrameError> {
+    let Some(at) = at else { return write_frame(w, frame) };
+    let (head, tail) = frame.split_at(at);
+    let mut parts = [io::IoSlice::new(head), io::IoSlice::new(payload), io::IoSlice::new(tail)];
+    let mut parts = &mut parts[..];
+    while !parts.is_empty() {
+        match w.write_vectored(parts) {
+            Ok(0) => return Err(FrameError::Io(io::ErrorKind::WriteZero.into())),
+            Ok(n) => io::IoSlice::advance_slices(&mut parts, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Decodes one message from a frame's body.
 pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
     Ok(rmp_serde::from_slice(body)?)
@@ -345,5 +423,77 @@ mod tests {
         assert!(matches!(err, FrameError::Truncated));
         let err = read_frame(&mut &[0u8, 0, 0, 5, 1][..], &mut Vec::new(), 10).unwrap_err();
         assert!(matches!(err, FrameError::Truncated));
+    }
+
+    /// A writer taking at most `step` bytes per call, vectored or not.
+    struct Trickle {
+        written: Vec<u8>,
+        step: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.step);
+            self.written.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+            let mut left = self.step;
+            for buf in bufs {
+                let n = buf.len().min(left);
+                self.written.extend_from_slice(&buf[..n]);
+                left -= n;
+            }
+            Ok(self.step - left)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn reply(payload: &[u8]) -> Response<'_> {
+        let logs = vec![LogRecord {
+            level: 3,
+            target: "t".into(),
+            message: "after the payload".into(),
+            fields: Vec::new(),
+            at_us: 9,
+        }];
+        Response::Reply { id: 7, result: Ok(Payload(payload)), logs, stats: CallStats::default() }
+    }
+
+    #[test]
+    fn a_frame_around_a_payload_sends_the_same_bytes() {
+        for len in [0, 10, LEAVE_OUT_MIN - 1, LEAVE_OUT_MIN, 100_000] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut whole = Vec::new();
+            encode_frame(&reply(&payload), &mut whole).unwrap();
+
+            let mut frame = Vec::new();
+            let at = encode_frame_around(&reply(&payload), &payload, &mut frame).unwrap();
+            assert_eq!(at.is_some(), len >= LEAVE_OUT_MIN, "{len} bytes");
+            if at.is_some() {
+                assert_eq!(frame.len() + len, whole.len(), "the payload is left out");
+            }
+            for step in [1, 7, 4096, usize::MAX] {
+                let mut w = Trickle { written: Vec::new(), step };
+                write_frame_around(&mut w, &frame, at, &payload).unwrap();
+                assert!(w.written == whole, "{len} bytes written {step} at a time");
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_given_slice_is_left_out() {
+        // Equal bytes elsewhere are copied: only the very slice is left out.
+        let payload = vec![5u8; LEAVE_OUT_MIN];
+        let other = payload.clone();
+        let mut frame = Vec::new();
+        assert_eq!(encode_frame_around(&reply(&other), &payload, &mut frame).unwrap(), None);
+        let mut whole = Vec::new();
+        encode_frame(&reply(&other), &mut whole).unwrap();
+        assert_eq!(frame, whole);
     }
 }

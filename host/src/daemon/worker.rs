@@ -2,6 +2,7 @@
 
 use std::io::{self, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -195,6 +196,13 @@ impl Write for Stream {
         }
     }
 
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tcp(s) => s.write_vectored(bufs),
+        }
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
@@ -380,6 +388,7 @@ impl<'a> Connection<'a> {
                     return Err(self.refuse(ErrorKind::Protocol, format!("{e}: {}", source_of(&e))));
                 }
             };
+            let mut left_out = None;
             let fatal = match request {
                 Request::Call { id, method, args, timeout_ms, unless_failed_since } => {
                     match unless_failed_since.zip(last_failed) {
@@ -403,6 +412,7 @@ impl<'a> Connection<'a> {
                             if outcome.failed {
                                 last_failed = Some(id);
                             }
+                            left_out = outcome.left_out;
                             outcome.fatal
                         }
                     }
@@ -425,7 +435,9 @@ impl<'a> Connection<'a> {
                     return Err(self.refuse(ErrorKind::Protocol, "hello sent twice".into()));
                 }
             };
-            protocol::write_frame(&mut self.writer, &self.out)?;
+            let (at, range) = left_out.unzip();
+            let payload = range.map_or(&[][..], |r| &guest.data()[r]);
+            protocol::write_frame_around(&mut self.writer, &self.out, at, payload)?;
             if fatal {
                 info!("guest failed fatally; worker exits");
                 return Ok(());
@@ -494,6 +506,9 @@ struct Outcome {
     failed: bool,
     /// The worker must exit after sending the reply.
     fatal: bool,
+    /// Where the result, left in guest memory at the range given, belongs
+    /// in the encoded reply (see [`protocol::encode_frame_around`]).
+    left_out: Option<(usize, Range<usize>)>,
 }
 
 /// Answers a call sent behind call `failed`, which failed, without running it.
@@ -554,22 +569,24 @@ fn call(
             e.kind.is_fatal()
         }
     };
+    // The result goes out from guest memory, without a copy of it here.
     let data = guest.data();
-    let result = result.map(|r| Payload(&data[r]));
-    protocol::encode_frame(&Response::Reply { id, result, logs, stats }, out)?;
-    if out.len() - protocol::HEADER_LEN > max_frame {
+    let range = result.as_ref().ok().cloned();
+    let payload = range.clone().map_or(&[][..], |r| &data[r]);
+    let result = result.map(|_| Payload(payload));
+    let at =
+        protocol::encode_frame_around(&Response::Reply { id, result, logs, stats }, payload, out)?;
+    let len = out.len() - protocol::HEADER_LEN + at.map_or(0, |_| payload.len());
+    if len > max_frame {
         // Too big to send: the client would drop the connection on it. Say
         // why instead, and retire the worker like any limit.
-        let message = format!(
-            "reply of {} bytes exceeds the {max_frame} byte frame limit",
-            out.len() - protocol::HEADER_LEN
-        );
+        let message = format!("reply of {len} bytes exceeds the {max_frame} byte frame limit");
         let error = ErrorReply::new(ErrorKind::Limit, message);
         let reply = Response::Reply { id, result: Err(error), logs: Vec::new(), stats };
         protocol::encode_frame(&reply, out)?;
-        return Ok(Outcome { failed: true, fatal: true });
+        return Ok(Outcome { failed: true, fatal: true, left_out: None });
     }
-    Ok(Outcome { failed, fatal })
+    Ok(Outcome { failed, fatal, left_out: at.zip(range) })
 }
 
 /// Builds the guest's store, walls the process in, then instantiates.

@@ -1,12 +1,12 @@
 //! The guest the benchmark measures: no hooks, so that a checkout costs
 //! exactly its calls.
 
-use serde_bytes::ByteBuf;
+use serde_bytes::Bytes;
 use sha2::{Digest, Sha256};
 use wasm_task_guest::export;
 
-/// Returns its bytes unchanged.
-fn echo(bytes: ByteBuf) -> Result<ByteBuf, String> {
+/// Returns its bytes unchanged, borrowing them from the request.
+fn echo(bytes: &Bytes) -> Result<&Bytes, String> {
     Ok(bytes)
 }
 

@@ -71,6 +71,20 @@ fn echo(value: rmpv::Value) -> Result<rmpv::Value, String> {
     Ok(value)
 }
 
+/// Arguments of [`swap_borrowed`], read in place from the request.
+#[derive(Debug, Deserialize)]
+struct Borrowed<'a> {
+    name: &'a str,
+    bytes: &'a serde_bytes::Bytes,
+}
+
+/// Answers with its arguments' two parts the other way round, without
+/// copying them out of the request first.
+fn swap_borrowed(args: Borrowed<'_>) -> Result<(&serde_bytes::Bytes, &str), String> {
+    called();
+    Ok((args.bytes, args.name))
+}
+
 /// Arguments of [`add`].
 #[derive(Debug, Deserialize)]
 struct AddArgs {
@@ -409,6 +423,7 @@ fn checkout_done() -> Result<(), String> {
 export! {
     methods: {
         "echo" => echo,
+        "swap_borrowed" => swap_borrowed,
         "add" => add,
         "incr" => incr,
         "stats" => stats,
