@@ -89,8 +89,15 @@ fn main() -> anyhow::Result<()> {
     let spec = ModuleSpec { name: "bench".into(), path: guest.clone() };
     let modules = Modules::load(&Config::new(Address::Unix(PathBuf::from("/unused")), vec![spec]))
         .context("loading the bench guest in-process")?;
-    let fork_baseline = spawn::fork_instantiate(&modules, "bench", sizes.spawns)?;
-    let (in_process, rounds) = throughput::in_process(&modules, sizes.calls)?;
+    // Each only when its section runs.
+    let fork_baseline = wanted("spawn")
+        .then(|| spawn::fork_instantiate(&modules, "bench", sizes.spawns))
+        .transpose()?;
+    let (in_process, rounds) = if wanted("throughput") {
+        throughput::in_process(&modules, sizes.calls)?
+    } else {
+        (f64::NAN, 0)
+    };
     let mut pingpong = roundtrip::PingPong::spawn()?;
 
     let dir = tempfile::tempdir()?;
@@ -107,10 +114,10 @@ fn main() -> anyhow::Result<()> {
     let (rows, plotted, throughput): Measured = runtime.block_on(async {
         let mut rows: Vec<Row> = Vec::new();
         let (mut plotted, mut throughput) = (Default::default(), Vec::new());
-        if wanted("spawn") {
+        if let Some(fork_baseline) = &fork_baseline {
             let spawned = spawn::product_spawns(&daemon, sizes.spawns).await?;
             let cold = spawn::cold_clients(&daemon, sizes.colds).await?;
-            rows.extend(spawn::rows(&spawned, &cold, &fork_baseline));
+            rows.extend(spawn::rows(&spawned, &cold, fork_baseline));
         }
         if wanted("throughput") {
             let mut measured = [[0.0; 2]; 2];
