@@ -1,11 +1,19 @@
 //! Queue scale: many checkouts queued against two workers.
 
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use anyhow::Context;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
 use serde_bytes::ByteBuf;
+use tokio::sync::Semaphore;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use wasm_task::protocol::{self, DEFAULT_MAX_FRAME, Payload, Request, Response};
 
 use crate::harness::Daemon;
 use crate::report::{Better, Row};
+use crate::roundtrip::PingPong;
 use crate::sys;
 
 /// What a queue run measured.
@@ -52,19 +60,105 @@ pub async fn run(daemon: &Daemon, n: usize) -> anyhow::Result<QueueRun> {
     })
 }
 
-/// The queue row: client CPU per call against the 5 µs budget.
-pub fn rows(run: &QueueRun) -> Vec<Row> {
-    vec![Row::new(
-        "queue",
-        format!(
-            "{} checkouts on 2 workers: client CPU per call ({:.2} s total)",
-            run.checkouts, run.total_s
+/// A framed connection to a ping-pong peer.
+type Peer = Framed<tokio::net::UnixStream, LengthDelimitedCodec>;
+
+/// The same queue without the library, for the floor of its socket work:
+/// tasks share two ping-pong peers through a FIFO semaphore of two permits
+/// and a free list, each sending one call frame (framed as the client
+/// frames it) and reading the echo.
+pub struct ByHand {
+    free: Arc<Mutex<Vec<Peer>>>,
+    permits: Arc<Semaphore>,
+}
+
+impl ByHand {
+    /// Connects to both peers.
+    pub fn new(peers: &mut [PingPong; 2]) -> anyhow::Result<ByHand> {
+        let mut free = Vec::new();
+        for peer in peers.iter_mut() {
+            let codec =
+                LengthDelimitedCodec::builder().max_frame_length(DEFAULT_MAX_FRAME).new_codec();
+            free.push(Framed::new(peer.connect()?, codec));
+        }
+        Ok(ByHand { free: Arc::new(Mutex::new(free)), permits: Arc::new(Semaphore::new(2)) })
+    }
+
+    /// Queues `n` calls at once, as [`run`] queues checkouts.
+    pub async fn run(&self, n: usize) -> anyhow::Result<QueueRun> {
+        let cpu = sys::process_cpu();
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let (free, permits) = (self.free.clone(), self.permits.clone());
+                tokio::spawn(async move {
+                    let _permit = permits.acquire().await?;
+                    let mut peer = free.lock().unwrap().pop().context("no free peer")?;
+                    let sent = ByteBuf::from((i as u64).to_le_bytes().to_vec());
+                    let back = echo(&mut peer, i as u64, &sent).await?;
+                    free.lock().unwrap().push(peer);
+                    anyhow::ensure!(back == sent, "call {i} got another's answer");
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        let total = started.elapsed();
+        let cpu = sys::process_cpu() - cpu;
+        Ok(QueueRun {
+            checkouts: n,
+            total_s: total.as_secs_f64(),
+            client_cpu_per_call_us: cpu.as_secs_f64() * 1e6 / n as f64,
+        })
+    }
+}
+
+/// One call frame to a ping-pong peer and its echo.
+async fn echo(peer: &mut Peer, id: u64, payload: &ByteBuf) -> anyhow::Result<ByteBuf> {
+    let args = rmp_serde::to_vec_named(payload)?;
+    let call = Request::Call {
+        id,
+        method: "echo",
+        args: &args,
+        timeout_ms: None,
+        unless_failed_since: None,
+    };
+    peer.send(Bytes::from(rmp_serde::to_vec_named(&call)?)).await?;
+    let frame = peer.next().await.context("ping-pong peer closed")??;
+    let Response::Reply { result: Ok(Payload(bytes)), .. } = protocol::decode(&frame)? else {
+        anyhow::bail!("unexpected ping-pong answer");
+    };
+    Ok(rmp_serde::from_slice(bytes)?)
+}
+
+/// The queue rows: client CPU per call against the 5 µs budget, and
+/// against the same queue made by hand over ping-pong peers.
+pub fn rows(run: &QueueRun, by_hand: &QueueRun) -> Vec<Row> {
+    vec![
+        Row::new(
+            "queue",
+            format!(
+                "{} checkouts on 2 workers: client CPU per call ({:.2} s total)",
+                run.checkouts, run.total_s
+            ),
+            "us",
+            (run.client_cpu_per_call_us, None),
+            "5 us budget",
+            (5.0, None),
+            Better::Lower,
+            Some(1.0),
         ),
-        "us",
-        (run.client_cpu_per_call_us, None),
-        "5 us budget",
-        (5.0, None),
-        Better::Lower,
-        Some(1.0),
-    )]
+        Row::new(
+            "queue",
+            "the same: client CPU per call, against a hand-made pool of 2 ping-pong peers",
+            "us",
+            (run.client_cpu_per_call_us, None),
+            format!("by hand ({:.2} s total)", by_hand.total_s),
+            (by_hand.client_cpu_per_call_us, None),
+            Better::Lower,
+            None,
+        ),
+    ]
 }
