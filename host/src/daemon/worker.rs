@@ -105,70 +105,98 @@ impl Read for Stream {
 ///
 /// On the client's own core polling only gets in the way (a yield does not
 /// always let the client run), and a worker cannot see where its client
-/// runs. So it measures: one read in [`PROBE_EVERY`] is a plain blocking
-/// read, timed, and if it had to wait, the worker polls until the next
-/// probe only if that wait was one polling shortens: longer than a
-/// same-core turnaround and shorter than a pause in the work.
+/// runs, nor what a wake-up costs on the machine. So it tries both: every
+/// [`SETTLED_READS`] reads it makes [`TRIAL_READS`] blocking and as many
+/// polling, timing each, and then polls only if that shortened its mean
+/// wait by a fifth or more. Short trials far apart cost little when
+/// polling turns out to get in the way.
 struct Eager {
     stream: Stream,
-    /// Reads since the last probe.
-    reads: u32,
-    /// Whether the last probe said to poll.
+    /// Reads left in this phase.
+    left: u32,
+    /// Reads since the last look at the CPU-time backstop.
+    since_look: u32,
+    /// Whether this phase polls.
     poll: bool,
+    phase: Phase,
+    /// The waits measured in this phase (trials only): their sum and number.
+    waited: Duration,
+    waits: u32,
+}
+
+/// Where a worker's reader is in its cycle of trials.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    /// Trying blocking reads.
+    Blocking,
+    /// Trying polling, after blocking reads that waited `blocking` on average.
+    Polling { blocking: Duration },
+    /// The mode is chosen until the next trial.
+    Settled,
 }
 
 /// Longest a worker polls for data before a blocking read.
 const READ_SPIN: Duration = Duration::from_micros(50);
 
-/// One read in this many is a timed blocking read.
-const PROBE_EVERY: u32 = 64;
+/// Reads in each half of a trial.
+const TRIAL_READS: u32 = 16;
 
-/// CPU seconds kept allowed ahead of a worker reading requests (at most
-/// [`PROBE_EVERY`] reads, a few milliseconds of CPU, pass between two looks).
+/// Reads a choice holds for before the next trial.
+const SETTLED_READS: u32 = 4096;
+
+/// Fewest waits that make a trial's mean tell anything.
+const MIN_WAITS: u32 = TRIAL_READS / 2;
+
+/// CPU seconds kept allowed ahead of a worker reading requests.
 const READING_ROOM_S: u64 = 2;
 
-/// A read shorter than this found its data waiting.
-const NO_WAIT: Duration = Duration::from_micros(2);
+/// Reads between two looks at the CPU-time backstop: at most a few
+/// milliseconds of CPU time, far within [`READING_ROOM_S`].
+const LOOK_EVERY: u32 = 64;
 
-/// The blocking waits after which a worker polls: longer than a client on
-/// the same core takes to answer, shorter than a pause in the work.
-const POLL_AFTER_WAITS: std::ops::Range<Duration> =
-    Duration::from_micros(12)..Duration::from_micros(200);
+/// Counted waits: a shorter read found its data waiting (calls sent ahead),
+/// a longer one waited through a pause in the work. Neither tells whether
+/// polling helps.
+const COUNTED_WAITS: std::ops::Range<Duration> =
+    Duration::from_micros(2)..Duration::from_micros(200);
 
 impl Eager {
     fn new(stream: Stream) -> Eager {
-        Eager { stream, reads: 0, poll: false }
-    }
-
-    /// Reads what is there without blocking; `None` when nothing is.
-    fn try_read(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
-        match nix::sys::socket::recv(self.stream.raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
-            Ok(n) => Some(Ok(n)),
-            Err(Errno::EAGAIN) => None,
-            Err(e) => Some(Err(e.into())),
+        Eager {
+            stream,
+            left: TRIAL_READS,
+            since_look: 0,
+            poll: false,
+            phase: Phase::Blocking,
+            waited: Duration::ZERO,
+            waits: 0,
         }
     }
-}
 
-impl Read for Eager {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.reads += 1;
-        if self.reads == PROBE_EVERY {
-            self.reads = 0;
-            // Reading takes CPU time outside any guest entry: keep the
-            // CPU-time backstop ahead of it.
-            harden::ensure_cpu_room(harden::thread_cpu(), READING_ROOM_S);
-            // The probe: a plain blocking read, timed. One that found its
-            // data waiting (calls sent ahead) tells nothing; polling does
-            // not matter while that lasts.
-            let started = Instant::now();
-            let read = self.stream.read(buf);
-            let waited = started.elapsed();
-            if waited >= NO_WAIT {
-                self.poll = POLL_AFTER_WAITS.contains(&waited);
+    /// Ends a phase: takes the next step in the cycle of trials.
+    fn next_phase(&mut self) {
+        let mean = (self.waits >= MIN_WAITS).then(|| self.waited / self.waits);
+        (self.waited, self.waits) = (Duration::ZERO, 0);
+        (self.poll, self.phase) = match self.phase {
+            Phase::Settled => (false, Phase::Blocking),
+            Phase::Blocking => match mean {
+                Some(blocking) => (true, Phase::Polling { blocking }),
+                // Requests were waiting, or came after pauses: polling would
+                // not shorten anything.
+                None => (false, Phase::Settled),
+            },
+            // Polling costs CPU time: it must pay clearly.
+            Phase::Polling { blocking } => {
+                (mean.is_some_and(|polling| polling * 5 <= blocking * 4), Phase::Settled)
             }
-            return read;
-        }
+        };
+        self.left = match self.phase {
+            Phase::Settled => SETTLED_READS,
+            Phase::Blocking | Phase::Polling { .. } => TRIAL_READS,
+        };
+    }
+
+    fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if !self.poll {
             return self.stream.read(buf);
         }
@@ -185,6 +213,42 @@ impl Read for Eager {
                 return self.stream.read(buf);
             }
         }
+    }
+
+    /// Reads what is there without blocking; `None` when nothing is.
+    fn try_read(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        match nix::sys::socket::recv(self.stream.raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => Some(Ok(n)),
+            Err(Errno::EAGAIN) => None,
+            Err(e) => Some(Err(e.into())),
+        }
+    }
+}
+
+impl Read for Eager {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.since_look += 1;
+        if self.since_look == LOOK_EVERY {
+            self.since_look = 0;
+            // Reading takes CPU time outside any guest entry: keep the
+            // CPU-time backstop ahead of it.
+            harden::ensure_cpu_room(harden::thread_cpu(), READING_ROOM_S);
+        }
+        if self.left == 0 {
+            self.next_phase();
+        }
+        self.left -= 1;
+        if self.phase == Phase::Settled {
+            return self.read_now(buf);
+        }
+        let started = Instant::now();
+        let read = self.read_now(buf);
+        let waited = started.elapsed();
+        if COUNTED_WAITS.contains(&waited) {
+            self.waited += waited;
+            self.waits += 1;
+        }
+        read
     }
 }
 
@@ -686,12 +750,52 @@ fn setup_failure(mut e: ErrorReply) -> ErrorReply {
 mod tests {
     use super::*;
 
-    /// A reading end in the given mode, and the writing end.
+    /// A reading end kept in the given mode, and the writing end.
     fn pair(poll: bool) -> (BufReader<Eager>, UnixStream) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let mut eager = Eager::new(Stream::Unix(ours));
         eager.poll = poll;
+        (eager.phase, eager.left) = (Phase::Settled, u32::MAX);
         (BufReader::with_capacity(16, eager), theirs)
+    }
+
+    /// Ends a phase of `eager` in which it waited `mean` on average for
+    /// `waits` reads.
+    fn phase(eager: &mut Eager, waits: u32, mean: Duration) {
+        (eager.waited, eager.waits) = (mean * waits, waits);
+        eager.next_phase();
+    }
+
+    #[test]
+    fn polls_only_where_the_trial_shows_it_shortens_the_waits() {
+        let us = Duration::from_micros;
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let mut eager = Eager::new(Stream::Unix(ours));
+        assert_eq!((eager.poll, eager.phase), (false, Phase::Blocking), "starts with a trial");
+
+        // Client on another core: polling cuts the wait from 40 to 10 µs.
+        phase(&mut eager, TRIAL_READS, us(40));
+        assert_eq!((eager.poll, eager.phase), (true, Phase::Polling { blocking: us(40) }));
+        assert_eq!(eager.left, TRIAL_READS);
+        phase(&mut eager, TRIAL_READS, us(10));
+        assert_eq!((eager.poll, eager.phase, eager.left), (true, Phase::Settled, SETTLED_READS));
+
+        // Client on the same core: polling makes the wait no shorter.
+        phase(&mut eager, 0, Duration::ZERO);
+        assert_eq!((eager.poll, eager.phase), (false, Phase::Blocking), "the next trial");
+        phase(&mut eager, TRIAL_READS, us(10));
+        phase(&mut eager, TRIAL_READS, us(9));
+        assert_eq!((eager.poll, eager.phase), (false, Phase::Settled));
+
+        // Requests found waiting, or after pauses: nothing to measure.
+        phase(&mut eager, 0, Duration::ZERO);
+        phase(&mut eager, MIN_WAITS - 1, us(40));
+        assert_eq!((eager.poll, eager.phase), (false, Phase::Settled));
+        // A polling trial that saw too little does not turn polling on.
+        phase(&mut eager, 0, Duration::ZERO);
+        phase(&mut eager, TRIAL_READS, us(40));
+        phase(&mut eager, MIN_WAITS - 1, us(1));
+        assert!(!eager.poll);
     }
 
     #[test]
@@ -730,7 +834,7 @@ mod tests {
     #[test]
     fn reading_keeps_the_cpu_backstop_ahead() {
         let (mut reader, mut writer) = pair(false);
-        // 256 reads of the 16-byte buffer: four times the probe's period.
+        // 256 reads of the 16-byte buffer: four looks at the backstop.
         writer.write_all(&[7u8; 4096]).unwrap();
         drop(writer);
         // SAFETY: the child reads from its socket and spins, without
