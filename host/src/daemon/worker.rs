@@ -197,20 +197,46 @@ impl Eager {
     }
 
     fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if !self.poll {
-            return self.stream.read(buf);
-        }
         if let Some(read) = self.try_read(buf) {
             return read;
         }
-        let started = Instant::now();
+        if self.poll {
+            let started = Instant::now();
+            loop {
+                let _ = nix::sched::sched_yield();
+                if let Some(read) = self.try_read(buf) {
+                    return read;
+                }
+                if started.elapsed() >= READ_SPIN {
+                    break;
+                }
+            }
+        }
+        self.wait_read(buf)
+    }
+
+    /// Sleeps until the client sends something, then reads it.
+    ///
+    /// It sleeps in `poll` rather than in a blocking read. A blocking read
+    /// of a socket is woken by anything that wakes the socket's waiters: on
+    /// unix sockets that includes the client reading the worker's last
+    /// reply (which frees room to write), once per call, costing the client
+    /// a wake-up of this process and the worker a trip through the
+    /// scheduler for nothing. `poll` is woken only for what it waits for.
+    fn wait_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            let _ = nix::sched::sched_yield();
+            let mut fd =
+                libc::pollfd { fd: self.stream.raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: `fd` is one valid pollfd that outlives the call.
+            if unsafe { libc::poll(&mut fd, 1, -1) } < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            // Ready (data, a hang-up or an error, which the read reports).
             if let Some(read) = self.try_read(buf) {
                 return read;
-            }
-            if started.elapsed() >= READ_SPIN {
-                return self.stream.read(buf);
             }
         }
     }
