@@ -135,6 +135,9 @@ enum Phase {
     Settled,
 }
 
+/// Size of a worker's read buffer.
+const READ_BUFFER: usize = 4 << 10;
+
 /// Longest a worker polls for data before a blocking read.
 const READ_SPIN: Duration = Duration::from_micros(50);
 
@@ -424,8 +427,11 @@ enum ConnError {
 
 impl<'a> Connection<'a> {
     fn new(stream: Stream, options: Options<'a>) -> Result<Connection<'a>, ConnError> {
+        // Small frames (and a few calls sent ahead) arrive in one read; the
+        // body of a larger one goes from the socket straight into its
+        // buffer, past this one, with no copy in between.
         let reader = BufReader::with_capacity(
-            64 << 10,
+            READ_BUFFER,
             Eager::new(stream.try_clone().map_err(FrameError::Io)?),
         );
         Ok(Connection { reader, writer: stream, options, body: Vec::new(), out: Vec::new() })
