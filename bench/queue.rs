@@ -4,16 +4,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use serde_bytes::ByteBuf;
 use tokio::sync::Semaphore;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
-use wasm_task::protocol::{self, DEFAULT_MAX_FRAME, Payload, Request, Response};
+use wasm_task::protocol::DEFAULT_MAX_FRAME;
 
 use crate::harness::Daemon;
 use crate::report::{Better, Row};
-use crate::roundtrip::PingPong;
+use crate::roundtrip::{PingPong, pingpong_echo};
 use crate::sys;
 
 /// What a queue run measured.
@@ -95,7 +93,7 @@ impl ByHand {
                     let _permit = permits.acquire().await?;
                     let mut peer = free.lock().unwrap().pop().context("no free peer")?;
                     let sent = ByteBuf::from((i as u64).to_le_bytes().to_vec());
-                    let back = echo(&mut peer, i as u64, &sent).await?;
+                    let back = pingpong_echo(&mut peer, i as u64, &sent, None).await?;
                     free.lock().unwrap().push(peer);
                     anyhow::ensure!(back == sent, "call {i} got another's answer");
                     anyhow::Ok(())
@@ -113,24 +111,6 @@ impl ByHand {
             client_cpu_per_call_us: cpu.as_secs_f64() * 1e6 / n as f64,
         })
     }
-}
-
-/// One call frame to a ping-pong peer and its echo.
-async fn echo(peer: &mut Peer, id: u64, payload: &ByteBuf) -> anyhow::Result<ByteBuf> {
-    let args = rmp_serde::to_vec_named(payload)?;
-    let call = Request::Call {
-        id,
-        method: "echo",
-        args: &args,
-        timeout_ms: None,
-        unless_failed_since: None,
-    };
-    peer.send(Bytes::from(rmp_serde::to_vec_named(&call)?)).await?;
-    let frame = peer.next().await.context("ping-pong peer closed")??;
-    let Response::Reply { result: Ok(Payload(bytes)), .. } = protocol::decode(&frame)? else {
-        anyhow::bail!("unexpected ping-pong answer");
-    };
-    Ok(rmp_serde::from_slice(bytes)?)
 }
 
 /// The queue rows: client CPU per call against the 5 µs budget, and

@@ -88,24 +88,30 @@ pub async fn pingpong_calls(
     let mut samples = Vec::with_capacity(n);
     for id in 0..n as u64 {
         let started = Instant::now();
-        let args = rmp_serde::to_vec_named(payload)?;
-        let call = Request::Call {
-            id,
-            method: "echo",
-            args: &args,
-            timeout_ms: Some(30_000),
-            unless_failed_since: None,
-        };
-        framed.send(Bytes::from(rmp_serde::to_vec_named(&call)?)).await?;
-        let frame = framed.next().await.context("ping-pong peer closed")??;
-        let Response::Reply { result: Ok(Payload(bytes)), .. } = protocol::decode(&frame)? else {
-            bail!("unexpected ping-pong answer");
-        };
-        let back: ByteBuf = rmp_serde::from_slice(bytes)?;
+        let back = pingpong_echo(framed, id, payload, Some(30_000)).await?;
         anyhow::ensure!(back.len() == payload.len(), "ping-pong echoed the wrong size");
         samples.push(started.elapsed());
     }
     Ok(Samples(samples))
+}
+
+/// One call frame to the ping-pong peer, made as the client makes a call
+/// with a deadline of `timeout_ms`, and the echoed payload.
+pub async fn pingpong_echo(
+    framed: &mut Framed<tokio::net::UnixStream, LengthDelimitedCodec>,
+    id: u64,
+    payload: &ByteBuf,
+    timeout_ms: Option<u64>,
+) -> anyhow::Result<ByteBuf> {
+    let args = rmp_serde::to_vec_named(payload)?;
+    let call =
+        Request::Call { id, method: "echo", args: &args, timeout_ms, unless_failed_since: None };
+    framed.send(Bytes::from(rmp_serde::to_vec_named(&call)?)).await?;
+    let frame = framed.next().await.context("ping-pong peer closed")??;
+    let Response::Reply { result: Ok(Payload(bytes)), .. } = protocol::decode(&frame)? else {
+        bail!("unexpected ping-pong answer");
+    };
+    Ok(rmp_serde::from_slice(bytes)?)
 }
 
 /// Round trips through the client library to the bench guest's `echo`.

@@ -233,15 +233,8 @@ pub enum FrameError {
 
 /// Encodes `msg` as one frame (header and body) into `buf`, replacing its contents.
 pub fn encode_frame<T: Serialize>(msg: &T, buf: &mut Vec<u8>) -> Result<(), FrameError> {
-    buf.clear();
-    buf.extend_from_slice(&[0; HEADER_LEN]);
-    rmp_serde::encode::write_named(buf, msg)?;
-    let len = u32::try_from(buf.len() - HEADER_LEN).map_err(|_| FrameError::TooLarge {
-        len: buf.len() - HEADER_LEN,
-        max: u32::MAX as usize,
-    })?;
-    buf[..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
-    Ok(())
+    // Nothing to leave out: an empty payload is never long enough.
+    encode_frame_around(msg, &[], buf).map(|_| ())
 }
 
 /// Byte strings this long or longer are left out of a frame by

@@ -93,8 +93,8 @@ impl Read for Stream {
 }
 
 /// The worker's reading end. When it finds no request waiting, it may poll
-/// for one, yielding the CPU in between, for up to [`READ_SPIN`] before
-/// sleeping in a blocking read.
+/// for one, yielding the CPU in between, for up to [`READ_SPIN`] before it
+/// sleeps (see [`Eager::wait_read`]).
 ///
 /// A worker waits for its next request for the client's turnaround: a
 /// reply read, the next call made, or the worker handed to the next
@@ -138,7 +138,7 @@ enum Phase {
 /// Size of a worker's read buffer.
 const READ_BUFFER: usize = 4 << 10;
 
-/// Longest a worker polls for data before a blocking read.
+/// Longest a worker polls for data before it sleeps.
 const READ_SPIN: Duration = Duration::from_micros(50);
 
 /// Reads in each half of a trial.
@@ -199,6 +199,8 @@ impl Eager {
         };
     }
 
+    /// Reads what is there, or else polls (if this phase does) and sleeps
+    /// until something comes.
     fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if let Some(read) = self.try_read(buf) {
             return read;
