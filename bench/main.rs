@@ -70,18 +70,37 @@ const QUICK: Sizes = Sizes {
     zygote: (3, 2),
 };
 
+/// The sections, in the order of the table.
+const SECTIONS: [&str; 6] = ["round trip", "spawn", "throughput", "queue", "zygote", "memory"];
+
+/// wasm-task's benchmark: the daemon, real guests and the client library,
+/// each figure beside a baseline measured in the same run.
+#[derive(clap::Parser)]
+struct Args {
+    /// Measure everything briefly, to check that it works (figures are
+    /// not judged; written under target/bench/quick/).
+    #[arg(long)]
+    quick: bool,
+    /// Measure one section only.
+    #[arg(long, value_name = "SECTION", value_parser = clap::builder::PossibleValuesParser::new(SECTIONS))]
+    only: Option<String>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    // `--only SECTION` measures one section (round trip, spawn, throughput,
-    // queue, zygote, memory) when working on it; the report then has only its rows.
-    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
-    let wanted = |section: &str| only.as_deref().is_none_or(|o| section.starts_with(o));
+    let Args { quick, only, bench: _ } = clap::Parser::parse();
+    let wanted = |section: &str| only.as_deref().is_none_or(|o| o == section);
     let sizes = if quick { QUICK } else { FULL };
     // Beside cargo's own output (a relative CARGO_TARGET_DIR taken from the
-    // workspace, where the README's commands run).
+    // workspace, where the README's commands run); a quick run's figures
+    // apart, so as not to replace a full run's.
     let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
-    let out = harness::workspace().join(target).join("bench");
+    let mut out = harness::workspace().join(target).join("bench");
+    if quick {
+        out.push("quick");
+    }
     std::fs::create_dir_all(&out)?;
     let guest = harness::guests().bench.clone();
 
@@ -165,8 +184,7 @@ fn main() -> anyhow::Result<()> {
     })?;
     let mut rows = rows;
     // The table keeps the order whatever order the sections ran in.
-    let order = ["round trip", "spawn", "throughput", "queue", "zygote", "memory"];
-    rows.sort_by_key(|row| order.iter().position(|s| row.section.starts_with(s)));
+    rows.sort_by_key(|row| SECTIONS.iter().position(|s| row.section.starts_with(s)));
 
     let machine = sys::machine();
     println!(

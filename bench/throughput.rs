@@ -114,7 +114,7 @@ pub async fn pooled(
     }
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!(
-        "throughput, {workers} workers, {mode:?}: {:.0} us per call in the worker's guest ({:.0} us CPU), {:.0} us per call all in",
+        "throughput, {workers} workers, {mode:?}: {:.0} us per call in the worker's guest ({:.0} us CPU), {:.0} us per call per worker, all in",
         spent.guest_us.get() as f64 / calls as f64,
         spent.cpu_us.get() as f64 / calls as f64,
         elapsed * 1e6 * workers as f64 / calls as f64
