@@ -73,8 +73,10 @@ struct ServeArgs {
     #[arg(long = "spawn", value_name = "SPEC")]
     spawn: Vec<SpawnSpec>,
 
-    /// Largest frame accepted from a client or sent to it, in bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_FRAME)]
+    /// Largest frame accepted from a client or sent to it, in bytes (at
+    /// most 4294967295, what a frame's length prefix can say).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_FRAME,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=u32::MAX as u64))]
     max_frame: usize,
 
     /// Largest linear memory a guest may grow to, in MiB (default 64); the

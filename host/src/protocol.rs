@@ -31,6 +31,9 @@ pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 /// Size of the length prefix in front of every frame.
 pub const HEADER_LEN: usize = 4;
 
+/// The largest frame body the length prefix can describe (4 GiB - 1).
+pub const LARGEST_FRAME: usize = u32::MAX as usize;
+
 /// A message from the client to a worker.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request<'a> {
@@ -261,8 +264,8 @@ pub fn encode_frame_around<T: Serialize>(
     rmp_serde::encode::write_named(&mut writer, msg)?;
     let at = writer.at;
     let body = buf.len() - HEADER_LEN + at.map_or(0, |_| payload.len());
-    let len = u32::try_from(body)
-        .map_err(|_| FrameError::TooLarge { len: body, max: u32::MAX as usize })?;
+    let len =
+        u32::try_from(body).map_err(|_| FrameError::TooLarge { len: body, max: LARGEST_FRAME })?;
     buf[..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
     Ok(at)
 }

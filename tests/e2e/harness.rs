@@ -498,6 +498,11 @@ impl RawWorker {
         Some(self.next_id)
     }
 
+    /// The connection itself, for bytes other than whole calls.
+    pub fn stream(&mut self) -> &mut UnixStream {
+        &mut self.stream
+    }
+
     /// Reads the next reply; `None` if the connection closed.
     pub fn receive(&mut self) -> Option<RawReply> {
         use wasm_task::protocol::{self, Response};

@@ -11,6 +11,7 @@ mod limits;
 mod pool;
 mod pool_semantics;
 mod reading;
+mod replies;
 mod robustness;
 mod sandbox;
 mod zygote;

@@ -98,7 +98,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let start = ChildStart {
         modules: &modules,
         options: worker::Options {
-            max_frame: config.max_frame,
+            // No frame can be longer, whatever the configuration says.
+            max_frame: config.max_frame.min(crate::protocol::LARGEST_FRAME),
             hung_timeout: config.hung_timeout,
             filter: filter.as_ref(),
         },
