@@ -190,7 +190,14 @@ impl Eager {
             },
             // Polling costs CPU time: it must pay clearly.
             Phase::Polling { blocking } => {
-                (mean.is_some_and(|polling| polling * 5 <= blocking * 4), Phase::Settled)
+                let poll = mean.is_some_and(|polling| polling * 5 <= blocking * 4);
+                debug!(
+                    poll,
+                    blocking_us = blocking.as_micros() as u64,
+                    polling_us = mean.map(|m| m.as_micros() as u64),
+                    "waits for requests measured"
+                );
+                (poll, Phase::Settled)
             }
         };
         self.left = match self.phase {
