@@ -31,6 +31,7 @@ use wasm_task::daemon::{Config, ModuleSpec};
 
 use crate::harness::Daemon;
 use crate::report::Row;
+use crate::roundtrip::{PingPong, Wait};
 use crate::throughput::Mode;
 
 /// The rows, the round-trip samples to plot, and throughput by workers.
@@ -117,9 +118,11 @@ fn main() -> anyhow::Result<()> {
     } else {
         (f64::NAN, 0)
     };
-    let mut pingpong = roundtrip::PingPong::spawn()?;
+    let mut pingpong = PingPong::spawn(Wait::Blocking)?;
+    // Two pairs of peers for the queue made by hand: blocking, and polling.
+    let pair = |wait| anyhow::Ok([PingPong::spawn(wait)?, PingPong::spawn(wait)?]);
     let mut queue_peers = wanted("queue")
-        .then(|| anyhow::Ok([roundtrip::PingPong::spawn()?, roundtrip::PingPong::spawn()?]))
+        .then(|| anyhow::Ok((pair(Wait::Blocking)?, pair(Wait::Polling)?)))
         .transpose()?;
 
     let dir = tempfile::tempdir()?;
@@ -153,14 +156,18 @@ fn main() -> anyhow::Result<()> {
             rows.extend(throughput::rows(in_process, per_call, held));
             throughput = vec![(1.0, held[0]), (2.0, held[1])];
         }
-        if let Some(peers) = &mut queue_peers {
+        if let Some((blocking, polling)) = queue_peers.take() {
             // A first run by hand leaves the heap grown for all the tasks, as
-            // a service running for a while has it; both measured runs find it so.
-            let by_hand = queue::ByHand::new(peers)?;
+            // a service running for a while has it; the measured runs find it so.
+            let (mut blocking, mut polling) = (blocking, polling);
+            let by_hand = queue::ByHand::new(&mut blocking)?;
             by_hand.run(sizes.queue).await?;
             let product = queue::run(&daemon, sizes.queue).await?;
-            let by_hand = by_hand.run(sizes.queue).await?;
-            rows.extend(queue::rows(&product, &by_hand));
+            let sleeping = by_hand.run(sizes.queue).await?;
+            let polled = queue::ByHand::new(&mut polling)?.run(sizes.queue).await?;
+            // Dropped here, so that no peer polls during later sections.
+            drop((by_hand, blocking, polling));
+            rows.extend(queue::rows(&product, &sleeping, &polled));
         }
         if wanted("zygote") {
             let daemon = zygote::daemon();

@@ -1,13 +1,16 @@
 //! Call round trip on a held checkout, beside a plain ping-pong of the same
 //! frames between two processes.
 
-use std::io::BufReader;
+use std::io::{BufReader, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use nix::errno::Errno;
+use nix::sys::socket::MsgFlags;
 use serde_bytes::ByteBuf;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use wasm_task::protocol::{self, CallStats, DEFAULT_MAX_FRAME, Payload, Request, Response};
@@ -22,9 +25,23 @@ pub struct PingPong {
     stream: Option<StdUnixStream>,
 }
 
+/// How a ping-pong peer waits for its next frame.
+#[derive(Clone, Copy)]
+pub enum Wait {
+    /// In a blocking read.
+    Blocking,
+    /// Polling (non-blocking reads, yielding the CPU between them) for up
+    /// to [`POLL_FOR`] before a blocking read: between the calls of a busy
+    /// client it never sleeps.
+    Polling,
+}
+
+/// How long a polling peer polls before it sleeps.
+const POLL_FOR: std::time::Duration = std::time::Duration::from_millis(1);
+
 impl PingPong {
     /// Forks the peer. Call before any runtime or thread exists.
-    pub fn spawn() -> anyhow::Result<PingPong> {
+    pub fn spawn(wait: Wait) -> anyhow::Result<PingPong> {
         let (ours, theirs) = StdUnixStream::pair()?;
         // SAFETY: the benchmark is single-threaded at this point; the child
         // only serves frames and exits.
@@ -32,7 +49,7 @@ impl PingPong {
             -1 => bail!("fork: {}", std::io::Error::last_os_error()),
             0 => {
                 drop(ours);
-                serve(theirs);
+                serve(theirs, wait);
                 // SAFETY: leave without running the parent's exit handlers.
                 unsafe { libc::_exit(0) }
             }
@@ -58,9 +75,33 @@ impl Drop for PingPong {
     }
 }
 
-fn serve(stream: StdUnixStream) {
+/// A peer's reading end.
+struct Reader {
+    stream: StdUnixStream,
+    wait: Wait,
+}
+
+impl Read for Reader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Wait::Polling = self.wait {
+            let started = Instant::now();
+            while started.elapsed() < POLL_FOR {
+                let flags = MsgFlags::MSG_DONTWAIT;
+                match nix::sys::socket::recv(self.stream.as_raw_fd(), buf, flags) {
+                    Err(Errno::EAGAIN) => {
+                        let _ = nix::sched::sched_yield();
+                    }
+                    read => return read.map_err(std::io::Error::from),
+                }
+            }
+        }
+        self.stream.read(buf)
+    }
+}
+
+fn serve(stream: StdUnixStream, wait: Wait) {
     let Ok(clone) = stream.try_clone() else { return };
-    let mut reader = BufReader::with_capacity(64 << 10, clone);
+    let mut reader = BufReader::with_capacity(64 << 10, Reader { stream: clone, wait });
     let mut writer = stream;
     let (mut body, mut out) = (Vec::new(), Vec::new());
     while let Ok(true) = protocol::read_frame(&mut reader, &mut body, DEFAULT_MAX_FRAME) {
