@@ -1,15 +1,21 @@
 //! One socket to one worker, carrying length-prefixed MessagePack frames.
 
-use std::io;
+use std::io::{self, Write as _};
+use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::Path;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio::runtime::Handle;
 use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 
 use super::Address;
@@ -17,14 +23,14 @@ use super::Address;
 /// A connected socket of either family.
 #[derive(Debug)]
 enum Stream {
-    Unix(UnixStream),
+    Unix(UnixConn),
     Tcp(TcpStream),
 }
 
 impl AsRawFd for Stream {
     fn as_raw_fd(&self) -> RawFd {
         match self {
-            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.read.as_raw_fd(),
             Stream::Tcp(s) => s.as_raw_fd(),
         }
     }
@@ -37,7 +43,7 @@ impl AsyncRead for Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => s.poll_read(cx, buf),
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -50,24 +56,117 @@ impl AsyncWrite for Stream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => s.poll_write(cx, buf),
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(_) => Poll::Ready(Ok(())),
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Poll::Ready(s.read.get_ref().shutdown(Shutdown::Write)),
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
+}
+
+/// A unix socket watched by the runtime for reading only.
+///
+/// The kernel tells a unix socket's writer that it may write each time the
+/// reader takes what it wrote. Watched for writing as well, the socket
+/// woke the client's thread each time its worker read a request: once per
+/// call, for nothing. So writes go straight to the socket, and only one
+/// that finds it full has a second descriptor of it watched for writing,
+/// until a write goes through whole.
+#[derive(Debug)]
+struct UnixConn {
+    read: AsyncFd<StdUnixStream>,
+    /// The runtime the socket was registered with, which also watches the
+    /// second descriptor.
+    runtime: Handle,
+    write: Option<AsyncFd<StdUnixStream>>,
+}
+
+impl UnixConn {
+    async fn connect(path: &Path) -> io::Result<UnixConn> {
+        // Connected by tokio (without blocking), then watched our way.
+        let stream = UnixStream::connect(path).await?.into_std()?;
+        stream.set_nonblocking(true)?;
+        Ok(UnixConn {
+            read: watch(stream, Interest::READABLE)?,
+            runtime: Handle::current(),
+            write: None,
+        })
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let mut ready = std::task::ready!(self.read.poll_read_ready(cx))?;
+            // SAFETY: recv writes at most `unfilled.len()` bytes into the
+            // unfilled part of `buf`, and only the bytes it reports are
+            // marked initialized.
+            let unfilled = unsafe { buf.unfilled_mut() };
+            let got = ready.try_io(|fd| {
+                // SAFETY: as above; the descriptor is the socket's, open.
+                let n = unsafe {
+                    libc::recv(fd.as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len(), 0)
+                };
+                if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+            });
+            match got {
+                Ok(Ok(n)) => {
+                    // SAFETY: recv initialized these `n` bytes.
+                    unsafe { buf.assume_init(n) };
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            // std's socket writes pass MSG_NOSIGNAL: a closed peer is an
+            // error, not a SIGPIPE.
+            match (&*self.read.get_ref()).write(data) {
+                Ok(n) => {
+                    if n == data.len() {
+                        self.write = None;
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
+                Err(_) => {}
+            }
+            if self.write.is_none() {
+                let _runtime = self.runtime.enter();
+                let second = self.read.get_ref().try_clone()?;
+                self.write = Some(watch(second, Interest::WRITABLE)?);
+            }
+            let watched = self.write.as_ref().expect("set above");
+            let mut ready = std::task::ready!(watched.poll_write_ready(cx))?;
+            // The socket was full when written: only now is the readiness
+            // seen stale, and cleared, so that the next wait is for more room.
+            ready.clear_ready();
+        }
+    }
+}
+
+/// Registers `stream` with the current runtime for `interest`.
+fn watch(stream: StdUnixStream, interest: Interest) -> io::Result<AsyncFd<StdUnixStream>> {
+    // SAFETY: the stream owns its descriptor, which stays open and the
+    // same for as long as the AsyncFd owns the stream.
+    Ok(unsafe { AsyncFd::register_with_interest(stream, interest) }?)
 }
 
 /// Why a frame could not be sent or received.
@@ -166,7 +265,7 @@ impl Connection {
     /// Connects to the daemon; frames above `max_frame` bytes are refused both ways.
     pub(crate) async fn open(address: &Address, max_frame: usize) -> io::Result<Connection> {
         let stream = match address {
-            Address::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
+            Address::Unix(path) => Stream::Unix(UnixConn::connect(path).await?),
             Address::Tcp { host, port } => {
                 let stream = TcpStream::connect((host.as_str(), *port)).await?;
                 // Requests and replies are small and strictly alternate.
