@@ -137,7 +137,7 @@ impl UnixConn {
         loop {
             // std's socket writes pass MSG_NOSIGNAL: a closed peer is an
             // error, not a SIGPIPE.
-            match (&*self.read.get_ref()).write(data) {
+            match self.read.get_ref().write(data) {
                 Ok(n) => {
                     if n == data.len() {
                         self.write = None;
