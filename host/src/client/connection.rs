@@ -1,6 +1,6 @@
 //! One socket to one worker, carrying length-prefixed MessagePack frames.
 
-use std::io::{self, Write as _};
+use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -135,9 +135,20 @@ impl UnixConn {
 
     fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         loop {
-            // std's socket writes pass MSG_NOSIGNAL: a closed peer is an
-            // error, not a SIGPIPE.
-            match self.read.get_ref().write(data) {
+            // MSG_NOSIGNAL: a closed peer is an error, not a SIGPIPE for
+            // whatever process the library runs in.
+            // SAFETY: `data` is valid for its length; the descriptor is the
+            // socket's, open.
+            let sent = unsafe {
+                libc::send(
+                    self.read.as_raw_fd(),
+                    data.as_ptr().cast(),
+                    data.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            };
+            let sent = if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(sent as usize) };
+            match sent {
                 Ok(n) => {
                     if n == data.len() {
                         self.write = None;
