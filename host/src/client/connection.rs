@@ -7,6 +7,7 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use futures_util::{SinkExt, StreamExt};
@@ -16,6 +17,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::runtime::Handle;
+use tokio::time::Sleep;
 use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 
 use super::Address;
@@ -91,7 +93,14 @@ struct UnixConn {
     /// second descriptor.
     runtime: Handle,
     write: Option<AsyncFd<StdUnixStream>>,
+    /// When the second descriptor cannot be had (no descriptor to spare,
+    /// say), a full socket is tried again at each tick of this timer
+    /// instead: slower, but the frame half-written still goes out whole.
+    retry: Option<Pin<Box<Sleep>>>,
 }
+
+/// How often a full socket is tried again when it cannot be watched.
+const WRITE_RETRY: Duration = Duration::from_millis(1);
 
 impl UnixConn {
     async fn connect(path: &Path) -> io::Result<UnixConn> {
@@ -102,6 +111,7 @@ impl UnixConn {
             read: watch(stream, Interest::READABLE)?,
             runtime: Handle::current(),
             write: None,
+            retry: None,
         })
     }
 
@@ -159,17 +169,49 @@ impl UnixConn {
                 Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
                 Err(_) => {}
             }
-            if self.write.is_none() {
-                let _runtime = self.runtime.enter();
-                let second = self.read.get_ref().try_clone()?;
-                self.write = Some(watch(second, Interest::WRITABLE)?);
+            // An error here must not end the write: the frame is half out,
+            // and the worker waits for the rest of it.
+            if self.write.is_none() && self.retry.is_none() {
+                match self.watch_for_room() {
+                    Ok(watched) => self.write = Some(watched),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot watch a full socket for room; polling it")
+                    }
+                }
             }
-            let watched = self.write.as_ref().expect("set above");
-            let mut ready = std::task::ready!(watched.poll_write_ready(cx))?;
-            // The socket was full when written: only now is the readiness
-            // seen stale, and cleared, so that the next wait is for more room.
-            ready.clear_ready();
+            if let Some(watched) = &self.write {
+                match std::task::ready!(watched.poll_write_ready(cx)) {
+                    // The socket was full when written: only now is the
+                    // readiness seen stale, and cleared, so that the next
+                    // wait is for more room.
+                    Ok(mut ready) => ready.clear_ready(),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "watching a full socket failed; polling it");
+                        self.write = None;
+                        self.retry = Some(Self::tick_on(&self.runtime));
+                    }
+                }
+                continue;
+            }
+            let retry = match &mut self.retry {
+                Some(retry) => retry,
+                none => none.insert(Self::tick_on(&self.runtime)),
+            };
+            std::task::ready!(retry.as_mut().poll(cx));
+            self.retry = None;
         }
+    }
+
+    /// A second descriptor of the socket, watched for room to write.
+    fn watch_for_room(&self) -> io::Result<AsyncFd<StdUnixStream>> {
+        let _runtime = self.runtime.enter();
+        watch(self.read.get_ref().try_clone()?, Interest::WRITABLE)
+    }
+
+    /// A timer for the next try at a full socket, on `runtime`.
+    fn tick_on(runtime: &Handle) -> Pin<Box<Sleep>> {
+        let _runtime = runtime.enter();
+        Box::pin(tokio::time::sleep(WRITE_RETRY))
     }
 }
 
