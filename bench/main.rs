@@ -156,10 +156,9 @@ fn main() -> anyhow::Result<()> {
             rows.extend(throughput::rows(in_process, per_call, held));
             throughput = vec![(1.0, held[0]), (2.0, held[1])];
         }
-        if let Some((blocking, polling)) = queue_peers.take() {
+        if let Some((mut blocking, mut polling)) = queue_peers.take() {
             // A first run by hand leaves the heap grown for all the tasks, as
             // a service running for a while has it; the measured runs find it so.
-            let (mut blocking, mut polling) = (blocking, polling);
             let by_hand = queue::ByHand::new(&mut blocking)?;
             by_hand.run(sizes.queue).await?;
             let product = queue::run(&daemon, sizes.queue).await?;

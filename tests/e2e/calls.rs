@@ -45,31 +45,6 @@ async fn structured_args_and_results_round_trip() {
     assert_eq!(echoed.2["k"], 1.5);
 }
 
-/// Methods may take arguments borrowed from the request, and results of
-/// any size travel back from guest memory (the large ones without a copy
-/// in the worker).
-#[tokio::test]
-async fn borrowed_arguments_and_large_results_round_trip() {
-    let daemon = Daemon::start(&[]);
-    let client = daemon.client("testguest").build();
-    let worker = client.checkout().await.unwrap();
-    #[derive(serde::Serialize)]
-    struct Borrowed<'a> {
-        name: &'a str,
-        #[serde(with = "serde_bytes")]
-        bytes: &'a [u8],
-    }
-    for len in [0usize, 1, 4095, 4096, 70_000, 3 << 20] {
-        let bytes: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
-        let name = format!("{len} bytes");
-        let args = Borrowed { name: &name, bytes: &bytes };
-        let (back, back_name): (serde_bytes::ByteBuf, String) =
-            worker.call("swap_borrowed", &args).await.unwrap();
-        assert!(back.as_slice() == bytes.as_slice(), "{len} bytes came back changed");
-        assert_eq!(back_name, name);
-    }
-}
-
 #[tokio::test]
 async fn hand_written_wat_guest_echoes_payloads() {
     let daemon = Daemon::start(&[]);

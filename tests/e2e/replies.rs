@@ -180,6 +180,25 @@ struct Borrowed<'a> {
     bytes: &'a [u8],
 }
 
+/// Methods may take arguments borrowed from the request, and results of
+/// any size travel back from guest memory (the large ones without a copy
+/// in the worker).
+#[tokio::test]
+async fn borrowed_arguments_and_large_results_round_trip() {
+    let daemon = Daemon::start(&[]);
+    let client = daemon.client("testguest").build();
+    let worker = client.checkout().await.unwrap();
+    for len in [0usize, 1, 4095, 4096, 70_000, 3 << 20] {
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+        let name = format!("{len} bytes");
+        let args = Borrowed { name: &name, bytes: &bytes };
+        let (back, back_name): (serde_bytes::ByteBuf, String) =
+            worker.call("swap_borrowed", &args).await.unwrap();
+        assert!(back.as_slice() == bytes.as_slice(), "{len} bytes came back changed");
+        assert_eq!(back_name, name);
+    }
+}
+
 #[test]
 fn arguments_a_guest_cannot_borrow_are_a_clear_error() {
     let daemon = Daemon::start(&[]);
